@@ -1,0 +1,31 @@
+# The two ways in: `make run` (the dashboard on the embedded synthetic set) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SYNTH := data/synthetic
+
+.PHONY: run test venv data clean-venv
+
+# The venv is rebuilt when requirements.txt is newer than the stamp (stale) or missing.
+$(VENV)/.stamp: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# synth.json is written last, so its presence means a complete data set.
+$(SYNTH)/synth.json: | $(VENV)/.stamp
+	$(PY) -m retino synth $(SYNTH)
+
+data: $(VENV)/.stamp $(SYNTH)/synth.json
+
+run: data
+	$(PY) -m streamlit run app.py
+
+test: $(VENV)/.stamp
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
