@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Retino can read; expected a JPEG or PNG") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1]) / 1e6:.0f} MP" if found else "its size"
+        raise ImageError(f"{name}: {size} is larger than the {MAX_PIXELS / 1e6:.0f} MP limit for a fundus "
+                         f"photograph (refused as a possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in reason.lower():

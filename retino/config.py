@@ -1,0 +1,137 @@
+"""TrainConfig: the one description of a training run, shared by the CLI, the form and the run folder."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+ARCHS = ("resnet18", "resnet50")  # kept in step with retino.models.list_models() by a test
+HEADS = ("classify", "regress")
+LOSSES = ("ce", "mse", "smoothl1")
+CLASS_WEIGHTS = ("none", "lab", "inverse")
+SAMPLERS = ("plain", "balanced")
+AUGMENTS = ("lab", "lab+color", "none")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value out of range; the message names the field and what was expected."""
+
+
+def _f(default, help: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("data/synthetic", "data-set folder (any layout Retino recognises)")
+    image_size: int = _f(128, "working size in pixels: images are cropped to the fundus, squared and resized")
+    ben_graham: bool = _f(False, "Ben Graham's local-colour normalisation (Kaggle 2015 winner)")
+    cache: bool = _f(True, "decode each image once into a memory-mapped cache reused by later epochs and runs")
+    # model
+    arch: str = _f("resnet18", "architecture", ARCHS)
+    pretrained: bool = _f(False, "start from torchvision's ImageNet weights")
+    weights: str = _f("", "local weights file instead of the torch hub cache (implies --pretrained)")
+    head: str = _f("classify", "classify: 5-way softmax; regress: one score + QWK-optimised thresholds", HEADS)
+    # objective and sampling
+    loss: str = _f("ce", "ce for classify; mse or smoothl1 for regress", LOSSES)
+    class_weights: str = _f("none", "cross-entropy weights: lab = 1 - n_k/N (the lab report), inverse = N/(K n_k)",
+                            CLASS_WEIGHTS)
+    sampler: str = _f("plain", "plain shuffling or class-balanced resampling", SAMPLERS)
+    augment: str = _f("lab", "lab = vertical flip p=0.5 + rotation +-30 deg; lab+color adds brightness/contrast",
+                      AUGMENTS)
+    # optimisation
+    epochs: int = _f(6, "number of epochs")
+    batch_size: int = _f(32, "images per step (per process under torchrun)")
+    optimizer: str = _f("adamw", "optimizer", OPTIMIZERS)
+    lr: float = _f(1e-3, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "weight decay")
+    schedule: str = _f("cosine", "learning-rate schedule (per step)", SCHEDULES)
+    step_size: int = _f(10, "epochs between x0.1 decays for --schedule step")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+    seed: int = _f(0, "seed for initialisation, sampling and augmentation")
+    # hardware
+    device: str = _f("auto", "auto = cuda when available, else cpu", DEVICES)
+    workers: int = _f(2, "data-loader worker processes")
+    amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported); ignored on CPU")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA; ignored on CPU")
+    compile: bool = _f(False, "torch.compile the model (CUDA only; pays off on long runs)")
+    eval_batch_size: int = _f(0, "evaluation batch size (0 = 2 x batch size)")
+    # bookkeeping
+    name: str = _f("", "run name shown in the dashboard (default: derived from the config)")
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ConfigError naming the first bad one."""
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"Invalid {f.name} {value!r}. Choose one of: {', '.join(choices)}.")
+        positive = {"image_size": 32, "epochs": 1, "batch_size": 1, "step_size": 1}
+        for key, low in positive.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key} must be at least {low}, got {getattr(self, key)}")
+        if self.image_size > 1024:
+            raise ConfigError(f"image_size must be at most 1024, got {self.image_size}")
+        if not 0 < self.lr <= 10:
+            raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
+            raise ConfigError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
+        if self.workers < 0 or self.eval_batch_size < 0:
+            raise ConfigError("workers and eval_batch_size must be >= 0")
+        if self.head == "classify" and self.loss != "ce":
+            raise ConfigError(f"loss {self.loss!r} needs --head regress; the classify head trains with ce")
+        if self.head == "regress" and self.loss == "ce":
+            raise ConfigError("the regress head trains with mse or smoothl1, not ce")
+        if "\x00" in self.name or "\x00" in self.data or "\x00" in self.weights:
+            raise ConfigError("names and paths cannot contain NUL bytes")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a saved dict; unknown keys (from a newer Retino) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def display_name(self) -> str:
+        return self.name or (f"{self.arch}-{'pre' if self.pretrained or self.weights else 'scratch'}"
+                             f"-{self.head}-{self.image_size}px")
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per TrainConfig field, with its default in the help."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None,
+                                metavar="BOOL", help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """The parsed flags over ``base`` (defaults), validated."""
+    cfg = base or TrainConfig()
+    changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    if cfg.weights:
+        cfg.pretrained = True
+    return cfg.validate()
