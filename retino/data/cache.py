@@ -129,7 +129,9 @@ def _fill(tmp: Path, paths, size, ben_graham, workers, progress, desc) -> dict:
                 errors[i] = err
             bar.update()
     else:
-        with get_context("fork").Pool(workers, _init_worker, (str(tmp), size, ben_graham)) as pool:
+        # spawn, not fork: a forked child can inherit a lock held by another thread (the heartbeat,
+        # tqdm's monitor) and hang forever.
+        with get_context("spawn").Pool(workers, _init_worker, (str(tmp), size, ben_graham)) as pool:
             for i, err in pool.imap_unordered(_decode_into, jobs, chunksize=8):
                 if err:
                     errors[i] = err
