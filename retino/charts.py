@@ -1,0 +1,129 @@
+"""Plotly figures for the dashboard: grade distributions, training curves, confusion matrices.
+
+Figures only (no Streamlit): each builder takes plain data (a stats dict, a curves frame from
+:mod:`retino.compare`, matrices) and returns a ``go.Figure`` the page hands to ``st.plotly_chart``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")  # ICDR 0-4 (ANCHORS.md)
+GRADE_LABELS = tuple(f"{g} {n}" for g, n in enumerate(GRADE_NAMES))
+PALETTE = qualitative.Plotly + qualitative.D3[1::2] + qualitative.Dark24  # distinct first, then more
+SPLIT_COLOURS = {"train": "#4C78A8", "test": "#F58518"}
+_MARGIN = dict(l=10, r=10, t=40, b=10)
+
+
+def run_colours(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per run, stable in the given order, so a run looks the same in every chart."""
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def label_distribution(stats: Mapping, *, percent: bool = False) -> go.Figure:
+    """Grouped bars of grade counts per split (``retino.data.stats`` output); hover shows both units."""
+    fig = go.Figure()
+    for split, s in stats["splits"].items():
+        counts, shares = s["counts"], [100 * v for v in s["shares"]]
+        fig.add_bar(name=f"{split} (n={s['n']:,})", x=list(GRADE_LABELS), y=shares if percent else counts,
+                    text=[f"{p:.1f}%" if percent else f"{c:,}" for c, p in zip(counts, shares)],
+                    textposition="outside", customdata=np.column_stack([counts, shares]),
+                    marker_color=SPLIT_COLOURS.get(split),
+                    hovertemplate=f"{split}<br>grade %{{x}}<br>%{{customdata[0]:,}} images"
+                                  f" (%{{customdata[1]:.1f}}%)<extra></extra>")
+    fig.update_layout(barmode="group", margin=_MARGIN, height=360, legend_title_text="split",
+                      yaxis_title="% of split" if percent else "images", xaxis_title="grade")
+    fig.update_yaxes(rangemode="tozero", automargin=True)
+    return fig
+
+
+def curves(frame: pd.DataFrame, keys: Sequence[str], *, title: str, yaxis: str, percent: bool = False,
+           colours: Mapping[str, str] | None = None, log_y: bool | str = False) -> go.Figure:
+    """Per-epoch lines of ``keys`` (columns of ``compare.curves_frame``) for every run in ``frame``.
+
+    One colour per run; a train_* key is dashed and its test_* twin solid (as in the lab report's
+    accuracy figure). The legend names the run and the split; hover shows every run at that epoch.
+    ``log_y="auto"`` switches to a log axis when the values span more than 100x (a diverging loss
+    would otherwise flatten every other curve).
+    """
+    colours = colours or run_colours(frame["run"])
+    scale = 100 if percent else 1
+    fig = go.Figure()
+    for run, df in frame.groupby("run", sort=False):
+        for key in keys:
+            if df[key].isna().all():
+                continue
+            split = key.split("_", 1)[0]
+            fig.add_scatter(x=df["epoch"], y=df[key] * scale, mode="lines+markers", legendgroup=run,
+                            name=f"{run} · {split}" if len(keys) > 1 else run,
+                            line=dict(color=colours.get(run), dash="dash" if split == "train" else "solid"),
+                            marker=dict(size=6),
+                            hovertemplate=f"{run} · {key}: %{{y:.{1 if percent else 3}f}}<extra></extra>")
+    fig.update_layout(title=title, margin=_MARGIN, height=340, hovermode="x unified",
+                      legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, font=dict(size=11)))
+    fig.update_xaxes(title="epoch", dtick=1 if frame["epoch"].max(skipna=True) <= 20 else None)
+    values = frame[list(keys)].to_numpy(dtype=float).ravel()
+    values = values[np.isfinite(values) & (values > 0)]
+    if log_y == "auto":
+        log_y = bool(values.size) and values.max() / values.min() > 100
+    fig.update_yaxes(title=yaxis, ticksuffix="%" if percent else "", type="log" if log_y else None)
+    return fig
+
+
+def confusion_matrices(matrices: Mapping[str, np.ndarray], *, normalized: bool = False,
+                       columns: int = 3) -> go.Figure:
+    """Heatmaps side by side (rows = true grade, columns = predicted), on one shared colour scale.
+
+    Counts share 0..the largest cell of all matrices; row-normalised ones share 0..1, so equal
+    colours mean equal numbers across runs.
+    """
+    labels = list(matrices)
+    columns = max(1, min(columns, len(labels)))
+    rows = math.ceil(len(labels) / columns)
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=labels, horizontal_spacing=0.06,
+                        vertical_spacing=0.12 / max(rows - 1, 1) if rows > 1 else 0.1)
+    top = 1.0 if normalized else max([float(np.max(m)) for m in matrices.values()] + [1.0])
+    for i, (label, matrix) in enumerate(matrices.items()):
+        m = np.asarray(matrix, dtype=float)
+        grades = [str(g) for g in range(m.shape[0])]
+        text = [[f"{100 * v:.0f}%" if normalized else f"{int(v):,}" for v in row] for row in m]
+        row, col = i // columns + 1, i % columns + 1
+        fig.add_trace(go.Heatmap(
+            z=m, x=grades, y=grades, text=text, texttemplate="%{text}", coloraxis="coloraxis", xgap=1, ygap=1,
+            hovertemplate=f"{label}<br>true %{{y}}, predicted %{{x}}: %{{text}}<extra></extra>"), row=row, col=col)
+        suffix = "" if i == 0 else str(i + 1)
+        fig.update_xaxes(type="category", title_text="predicted", constrain="domain", row=row, col=col)
+        fig.update_yaxes(type="category", autorange="reversed", scaleanchor=f"x{suffix}", constrain="domain",
+                         title_text="true grade" if col == 1 else None, row=row, col=col)
+    fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=top,
+                                     colorbar=dict(title="share" if normalized else "images",
+                                                   tickformat=".0%" if normalized else None)),
+                      height=max(320, 300 * rows + 40), margin=dict(l=10, r=10, t=50, b=10),
+                      plot_bgcolor="rgba(0,0,0,0)")
+    fig.update_annotations(font_size=12)
+    return fig
+
+
+def live_curves(rows: Sequence[Mapping]) -> go.Figure:
+    """One run's accuracy and loss per epoch, side by side (the Train page's growing curves)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"), horizontal_spacing=0.12)
+    epochs = [r.get("epoch") for r in rows]
+    for col, metric in ((1, "acc"), (2, "loss")):
+        for split, colour in SPLIT_COLOURS.items():
+            values = [r.get(f"{split}_{metric}") for r in rows]
+            if metric == "acc":
+                values = [None if v is None else 100 * v for v in values]
+            fig.add_scatter(x=epochs, y=values, mode="lines+markers", name=split, legendgroup=split,
+                            showlegend=col == 1, line=dict(color=colour, dash="dash" if split == "train" else "solid"),
+                            row=1, col=col)
+    fig.update_yaxes(ticksuffix="%", row=1, col=1)
+    fig.update_xaxes(title_text="epoch", dtick=1 if len(rows) <= 20 else None)
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), hovermode="x unified",
+                      legend=dict(orientation="h", y=1.15, x=1, xanchor="right"))
+    return fig

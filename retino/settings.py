@@ -1,0 +1,83 @@
+"""The dashboard's persisted choices: which data-set folder is in use.
+
+A small JSON file, ``.retino/settings.json`` in the repository root (git-ignored), or wherever
+``RETINO_SETTINGS`` points. A missing or unreadable file means the defaults; writes are atomic, so
+two dashboards saving at once leave one whole file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .data import Dataset, read_dataset
+from .data.formats import IMAGE_EXTS
+from .runs import write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "data/synthetic"  # the embedded synthetic set that `make run` generates
+
+
+def settings_path() -> Path:
+    return Path(os.environ.get("RETINO_SETTINGS") or REPO_ROOT / ".retino" / "settings.json")
+
+
+def read_settings() -> dict:
+    """The saved settings; ``{}`` when the file is missing or not valid JSON (never raises)."""
+    try:
+        saved = json.loads(settings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def resolve_data_path(path: str) -> Path:
+    """A data-set path as typed, made absolute: relative paths are relative to the repository root."""
+    p = Path(str(path).strip()).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def data_path() -> Path:
+    """The data-set folder in use (the synthetic set unless the user chose another)."""
+    value = read_settings().get("data")
+    return resolve_data_path(value if isinstance(value, str) and value.strip() else DEFAULT_DATA)
+
+
+def use_dataset(path: str) -> Dataset:
+    """Read the folder at ``path`` and, only if it reads, save it as the data set in use.
+
+    Raises:
+        DatasetError: the folder is missing or matches no layout (the saved choice is unchanged).
+    """
+    ds = read_dataset(resolve_data_path(path))
+    settings_path().parent.mkdir(parents=True, exist_ok=True)
+    write_json(settings_path(), {**read_settings(), "data": str(ds.root)})
+    return ds
+
+
+def folder_fingerprint(path) -> tuple:
+    """Changes when files are added, removed or replaced anywhere in a data-set layout.
+
+    A cache key for anything derived from a data set: the mtimes of the folder, of its files other
+    than images (a CSV rewritten) and of folders two levels down (``images/``, ``train/0/``), whose
+    mtime changes when an image is added or removed. No image file is stat-ed, so a flat
+    35,000-image folder costs one directory listing.
+    """
+    root = Path(path)
+    marks = []
+
+    def walk(folder: Path, depth: int) -> None:
+        marks.append((str(folder.relative_to(root)), folder.stat().st_mtime_ns))
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir():
+                    if depth < 2:
+                        walk(Path(entry.path), depth + 1)
+                elif not entry.name.lower().endswith(IMAGE_EXTS):
+                    marks.append((str(Path(entry.path).relative_to(root)), entry.stat().st_mtime_ns))
+
+    try:
+        walk(root, 0)
+    except OSError:  # vanished or unreadable: the key still differs from the readable folder's
+        return (str(root), None)
+    return (str(root), tuple(sorted(marks)))

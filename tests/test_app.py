@@ -1,0 +1,299 @@
+"""Every dashboard page under streamlit.testing's AppTest: empty, with runs, with a failed run, bad data.
+
+Run folders come from one real tiny training run per session, copied; pages are reached through the
+router (app.py) the way a user reaches them. Processes are never started here: launch, stop and
+resume are replaced by recorders (the browser test starts a real one).
+"""
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO, TINY_TRAIN, run_cli
+from retino import jobs, runs, settings
+
+PAGES = ["pages/data.py", "pages/train.py", "pages/compare.py", "pages/predict.py"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    """One finished 2-epoch run on the tiny set; tests copy it into their own runs folder."""
+    base = tmp_path_factory.mktemp("trained")
+    run_dir = base / "runs" / "20260101-000000-tiny"
+    env = {"RETINO_RUNS": str(base / "runs"), "RETINO_CACHE": str(tmp_path_factory.getbasetemp() / "image-cache")}
+    result = run_cli("train", "--data", tiny_data, *TINY_TRAIN, "--run-dir", run_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture
+def runs_dir() -> Path:
+    path = runs.runs_root()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def data_in_use(tiny_data):
+    settings.use_dataset(str(tiny_data))
+    return tiny_data
+
+
+def add_run(trained_run, runs_dir, name, *, created=None, **status) -> Path:
+    """A copy of the trained run under a new folder name; ``status`` fields overwrite status.json."""
+    dst = runs_dir / name
+    shutil.copytree(trained_run, dst)
+    if created is not None:
+        config = json.loads((dst / "config.json").read_text())
+        runs.write_json(dst / "config.json", {**config, "created": created})
+    if status:
+        runs.write_status(dst, **status)
+    return dst
+
+
+def app(page=None, **state) -> AppTest:
+    """The app through its router, switched to ``page``; ``state`` preset in session_state."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader")
+             for e in getattr(at, kind)]
+    parts += [e.value for kind in ("markdown", "caption", "error", "warning", "page_link")
+              for e in getattr(at.sidebar, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------- every page, every state
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_with_no_runs(page, data_in_use, runs_dir):
+    at = app(page)
+    assert "No run training" in texts(at)
+    if page == "pages/compare.py":
+        assert "No runs yet" in texts(at)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_with_completed_and_failed_runs(page, data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "a-done", created=time.time() - 30)
+    add_run(trained_run, runs_dir, "b-done", created=time.time() - 20)
+    add_run(trained_run, runs_dir, "c-failed", created=time.time() - 10, state="failed",
+            error="RuntimeError: CUDA out of memory at batch size 32")
+    at = app(page)
+    if page == "pages/train.py":
+        assert any("CUDA out of memory" in e.value for e in at.error)
+        assert "Recent runs" in texts(at)
+        assert any(b.label == "Resume" for b in at.button)
+    if page == "pages/compare.py":
+        assert len(at.get("plotly_chart")) == 5  # 4 curve charts + the confusion matrices
+        best = at.dataframe[1].value
+        # newest first, all selected; same settings, so the folder name tells them apart
+        assert list(best["run"]) == [f"resnet18-scratch-classify-64px [{i}]" for i in ("c-failed", "b-done", "a-done")]
+        assert {"qwk", "ref_auc", "sens_at_90spec", "majority_acc"} <= set(best.columns)
+        assert at.get("download_button")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_bad_data_path_shows_the_dataset_error(page, runs_dir, tmp_path):
+    settings.settings_path().write_text(json.dumps({"data": str(tmp_path / "gone")}))
+    at = app(page)
+    assert any("no such folder" in e.value for e in at.sidebar.error)
+    if page == "pages/data.py":
+        assert any("no such folder" in e.value for e in at.main.error)
+
+
+def test_data_page_shows_the_summary(data_in_use, runs_dir):
+    at = app()
+    text = texts(at)
+    assert "Always predicting grade 0" in text and "75.0%" in text  # 36 of the 48 train images are grade 0
+    assert "Every image's header and end marker read cleanly" in text
+    weights = at.dataframe[0].value
+    assert list(weights.index) == ["none", "lab", "inverse"]
+    assert len(at.get("plotly_chart")) == 1 and len(at.image) >= 10  # originals + preprocessed, every grade
+
+
+def test_data_page_lists_unreadable_files(tmp_path, runs_dir, tiny_data):
+    data = tmp_path / "copy"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "images").glob("*.jpeg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated: no end marker
+    settings.use_dataset(str(data))
+    at = app()
+    problems = at.dataframe[-1].value
+    assert victim.name in problems["error"][0] and "truncated" in problems["error"][0].lower()
+    assert not any(victim.name in (i.proto.imgs[0].caption if i.proto.imgs else "") for i in at.image)
+
+
+# ----------------------------------------------------------------------------- the data-set switch
+
+def test_switching_data_set_persists_and_refuses_a_bad_folder(tiny_data, runs_dir, tmp_path):
+    at = app()
+    at.sidebar.text_input(key="app.data_path").input(str(tmp_path / "nowhere"))
+    at.sidebar.button(key="app.use_data").click().run()
+    assert any("no such folder" in e.value for e in at.sidebar.error)
+    assert "nowhere" not in str(settings.data_path())  # a bad folder is never saved
+    at.sidebar.text_input(key="app.data_path").input(str(tiny_data))
+    at.sidebar.button(key="app.use_data").click().run()
+    assert not at.exception
+    assert settings.data_path() == tiny_data.resolve()
+    assert app().sidebar.markdown[0].value.startswith(f"**{tiny_data.name}**")  # a fresh session reads it back
+
+
+# ----------------------------------------------------------------------------- train
+
+@pytest.fixture
+def launched(monkeypatch):
+    calls = []
+
+    def fake_launch(cfg, root=None):
+        calls.append(cfg)
+        path = runs.create_run_dir(None, cfg.display_name())
+        runs.write_json(path / "config.json", {"train": cfg.to_dict(), "created": time.time()})
+        runs.write_status(path, state="failed", error="not really started")
+        return path
+    monkeypatch.setattr(jobs, "launch", fake_launch)
+    return calls
+
+
+def test_train_form_bad_value_shows_config_error_and_starts_nothing(data_in_use, runs_dir, launched):
+    at = app("pages/train.py")
+    at.number_input(key="cfg.epochs").set_value(0)
+    at.button(key="train.start").click().run()
+    assert any("epochs must be at least 1" in e.value for e in at.error)
+    assert launched == [] and not any(runs_dir.iterdir())
+
+
+def test_train_form_starts_a_run_with_the_form_values(data_in_use, runs_dir, launched):
+    at = app("pages/train.py")
+    at.number_input(key="cfg.epochs").set_value(1)
+    at.number_input(key="cfg.image_size").set_value(64)
+    at.selectbox(key="cfg.optimizer").set_value("sgd")
+    at.button(key="train.start").click().run()
+    assert not at.exception
+    (cfg,) = launched
+    assert (cfg.epochs, cfg.image_size, cfg.optimizer, cfg.arch) == (1, 64, "sgd", "resnet18")
+    assert Path(cfg.data) == data_in_use.resolve()
+    assert any("Started" in s.value for s in at.success)
+
+
+def test_lab_preset_queues_four_runs_with_the_lab_settings(data_in_use, runs_dir, launched):
+    at = app("pages/train.py")
+    at.sidebar.selectbox(key="train.preset").select("Lab report: ResNet18/50 x scratch/pretrained").run()
+    assert at.number_input(key="cfg.image_size").value == 512
+    at.button(key="train.start").click().run()
+    assert not at.exception
+    assert [(c.arch, c.pretrained) for c in launched] == [("resnet18", False), ("resnet18", True),
+                                                          ("resnet50", False), ("resnet50", True)]
+    for c in launched:
+        assert (c.image_size, c.optimizer, c.lr, c.momentum, c.weight_decay) == (512, "sgd", 1e-3, 0.9, 5e-4)
+        assert (c.loss, c.class_weights, c.epochs, c.batch_size) == ("ce", "lab", 10, 8)
+
+
+def test_train_page_shows_whether_weights_are_offline(data_in_use, runs_dir, monkeypatch):
+    monkeypatch.setattr("retino.models.weights_available", lambda arch: (arch == "resnet18", f"/hub/{arch}.pth"))
+    at = app("pages/train.py")
+    note = next(c.value for c in at.sidebar.caption if "ImageNet weights" in c.value)
+    assert "resnet18: available offline" in note and "/hub/resnet50.pth" in note
+
+
+def test_active_run_shows_progress_and_can_be_stopped(data_in_use, runs_dir, trained_run, monkeypatch):
+    live = add_run(trained_run, runs_dir, "live", state="running", pid=os.getpid(), epoch=2, step=1, steps=3,
+                   epochs=4, images_per_s=123.4, eta_s=75, train_loss=0.5)
+    stopped = []
+    monkeypatch.setattr(jobs, "stop", lambda path: stopped.append(Path(path)) or True)
+    at = app("pages/train.py")
+    assert "Active runs (1)" in texts(at)
+    bar = at.get("progress")[0]
+    assert "epoch 2/4" in bar.proto.text and "step 1/3" in bar.proto.text
+    assert bar.proto.value == 33  # (1 + 1/3) of 4 epochs
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["images/s"] == "123" and metrics["ETA"] == "1:15"
+    assert len(at.get("plotly_chart")) == 1  # its curves so far
+    at.button(key="stop-live").click().run()
+    assert stopped == [live]
+    assert "1 run training" in texts(at)
+
+
+def test_interrupted_run_can_be_resumed(data_in_use, runs_dir, trained_run, monkeypatch):
+    dead = add_run(trained_run, runs_dir, "dead", state="running", pid=2**22 + 12345)  # no such process
+    resumed = []
+    monkeypatch.setattr(jobs, "resume", lambda path: resumed.append(Path(path)) or 1)
+    at = app("pages/train.py")
+    assert "interrupted" in texts(at) and "Active runs (0)" in texts(at)
+    at.button(key="resume-dead").click().run()
+    assert resumed == [dead]
+
+
+# ----------------------------------------------------------------------------- compare
+
+def test_compare_survives_broken_and_vanishing_run_folders(data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "whole")
+    half = runs_dir / "half"
+    half.mkdir()
+    (half / "config.json").write_text('{"train": {"arch": "resnet18"')  # half-copied
+    at = app("pages/compare.py", **{"compare.selected": ["whole", "half"]})
+    warnings = " ".join(w.value for w in at.warning)
+    assert "half" in warnings and "not valid JSON" in warnings
+    shutil.rmtree(runs_dir / "whole")  # deleted while the page is open
+    at.run()
+    assert not at.exception
+
+
+def test_compare_groups_seeds_and_diffs_configs(data_in_use, runs_dir, trained_run):
+    for seed in (0, 1):
+        path = add_run(trained_run, runs_dir, f"seed{seed}")
+        config = json.loads((path / "config.json").read_text())
+        config["train"]["seed"] = seed
+        runs.write_json(path / "config.json", config)
+    at = app("pages/compare.py", **{"compare.selected": ["seed0", "seed1"]})
+    groups = at.dataframe[2].value
+    assert groups["n"].tolist() == [2] and "±" in groups["qwk"][0]
+    diff = at.dataframe[3].value
+    assert list(diff.index) == ["seed"]
+    at.toggle(key="compare.diff_only").set_value(False).run()
+    assert len(at.dataframe[3].value) > 20
+
+
+def test_compare_renames_tags_and_deletes_with_confirmation(data_in_use, runs_dir, trained_run):
+    path = add_run(trained_run, runs_dir, "victim")
+    at = app("pages/compare.py", **{"compare.selected": ["victim"]})
+    at.text_input(key="compare.name").input("renamed")
+    at.text_input(key="compare.tags").input("lab, seed-0")
+    at.button(key="compare.save").click().run()
+    assert runs.read_meta(path) == {"name": "renamed", "tags": ["lab", "seed-0"]}
+    assert at.dataframe[0].value["run"].tolist() == ["renamed"]
+    at.button(key="compare.ask_delete").click().run()
+    assert path.exists() and any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="compare.delete").click().run()
+    assert not at.exception and not path.exists()
+    assert "No runs yet" in texts(at)
+
+
+def test_compare_with_50_runs_stays_fast(data_in_use, runs_dir, trained_run):
+    for i in range(50):
+        add_run(trained_run, runs_dir, f"run{i:02d}", created=1.7e9 + i)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/compare.py")
+    start = time.perf_counter()
+    at.run()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    at.run()
+    again = time.perf_counter() - start
+    print(f"\ncompare page with 50 runs: first render {first:.2f} s, rerun {again:.2f} s")
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 50
+    assert again < 5, f"compare page rerun took {again:.1f} s with 50 runs"
