@@ -418,11 +418,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
                    "seconds": time.time() - t0}
             is_best = row["test_qwk"] > best
             best = max(best, row["test_qwk"])
+            # metrics before last.pt: a kill in between leaves last.pt one epoch behind, and a resume
+            # truncates metrics.jsonl to last.pt's epoch and replays it, so epochs stay consecutive.
+            runs.append_metrics(run_dir, row)
             ckpt = _checkpoint(model, optimizer, scheduler, cfg, dataset_info, epoch, None, gen, thresholds, best, norm)
-            runs.save_checkpoint(run_dir / "last.pt", ckpt)
             if is_best:
                 runs.save_checkpoint(run_dir / "best.pt", ckpt)
-            runs.append_metrics(run_dir, row)  # after last.pt: a metrics line always has its checkpoint
+            runs.save_checkpoint(run_dir / "last.pt", ckpt)
             beat.update(epoch=epoch, step=steps_per_epoch, best_qwk=best, test_qwk=row["test_qwk"],
                         test_acc=row["test_acc"])
             if progress:
