@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import _signals
+    _signals.install()  # first thing: a Stop pressed while torch loads is not lost
     from .config import ConfigError
     from .data import DatasetError, ImageError
     from .runs import RunError

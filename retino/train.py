@@ -256,21 +256,37 @@ class Heartbeat(threading.Thread):
                 runs.write_status(self.run_dir, **self.status)
 
 
+class StoppedWhileQueued(Exception):
+    """Stop was asked for before the run got its device."""
+
+
 @contextlib.contextmanager
-def device_queue(run_dir: Path, device: torch.device, beat: Heartbeat):
-    """Hold the device's lock while training: runs on one device wait their turn, state ``queued``."""
+def device_queue(run_dir: Path, device: torch.device, beat: Heartbeat, stop: threading.Event):
+    """Hold the device's lock while training: runs on one device wait their turn, state ``queued``.
+
+    The lock is released by the kernel when its holder dies, so a killed run never blocks the queue.
+    """
     lock_dir = run_dir.parent / ".locks"
     lock_dir.mkdir(exist_ok=True)
     with open(lock_dir / f"{device.type}{device.index or 0}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            beat.update(state="queued")
-            fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop.is_set():
+                    raise StoppedWhileQueued from None
+                if beat.status.get("state") != "queued":
+                    beat.update(state="queued")
+                time.sleep(0.5)
         yield
 
 
 def _install_stop_handlers(ctx: Context) -> None:
+    from . import _signals
+    if _signals.STOP.is_set():  # asked before training code was even loaded
+        ctx.stop.set()
+
     def handler(signum, frame):
         ctx.stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -305,7 +321,8 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
         beat.update()
         beat.start()
     try:
-        queue = device_queue(run_dir, ctx.device, beat) if ctx.main and ctx.world == 1 else contextlib.nullcontext()
+        queue = (device_queue(run_dir, ctx.device, beat, ctx.stop) if ctx.main and ctx.world == 1
+                 else contextlib.nullcontext())
         with queue:
             if beat:
                 beat.update(state="running")
@@ -313,6 +330,9 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
         if beat:
             beat.update(state="stopped" if ctx.stop.is_set() else "completed", eta_s=0)
         return result
+    except StoppedWhileQueued:
+        beat.update(state="stopped", eta_s=0)
+        return {"stopped_at": {"epoch": 0, "step": 0}}
     except BaseException as e:
         if beat:
             oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()

@@ -154,8 +154,13 @@ def test_half_copied_and_vanishing_run_folders_are_listed_with_problems(tmp_path
 def test_two_launches_get_two_folders_and_queue_on_one_device(tiny_data, tmp_path):
     root = tmp_path / "checkpoints"
     cfg = TrainConfig(data=str(tiny_data), epochs=2, image_size=64, batch_size=16, workers=0, device="cpu")
-    a, b = jobs.launch(cfg, root), jobs.launch(cfg, root)
-    assert a != b
+    a, b, c = jobs.launch(cfg, root), jobs.launch(cfg, root), jobs.launch(cfg, root)
+    assert len({a, b, c}) == 3
+    # the third is stopped while it waits for the device: it leaves the queue without training
+    assert _wait_for(lambda: runs.read_status(c)["state"] == "queued" and runs.read_status(c).get("started"))
+    assert _wait_for(lambda: jobs.stop(c) or runs.read_status(c)["state"] != "queued", timeout=30)
+    assert _wait_for(lambda: runs.read_status(c)["state"] == "stopped", timeout=60)
+    assert runs.read_metrics(c) == []
     both_running, saw_queued = False, False
 
     def done():
