@@ -24,7 +24,7 @@ data: $(VENV)/.stamp $(SYNTH)/synth.json
 run: data
 	$(PY) -m streamlit run app.py
 
-test: $(VENV)/.stamp
+test: data
 	$(PY) -m pytest -q tests
 
 clean-venv:
