@@ -185,6 +185,14 @@ def test_dashboard_end_to_end(tmp_path, tiny_data):
 
             _nav(page, "Predict")
             _settled(page)
+            photo = sorted((Path(tiny_data) / "images").glob("*.jpeg"))[0]
+            page.locator("input[type=file]").first.set_input_files(str(photo))
+            page.get_by_text("Grade ", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("What the model saw", exact=False).first.wait_for(timeout=30_000)
+            _settled(page)
+            overlay = page.locator("[data-testid=stImage] img, [data-testid=stImageContainer] img")
+            assert overlay.count() >= 3  # the photograph, what the model saw, the Grad-CAM overlay
+            assert page.get_by_text("gradcam", exact=False).count() >= 1
             _shoot(page, "5-predict", shots)
             browser.close()
     finally:
