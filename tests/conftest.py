@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,22 @@ def run_cli(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
 
 
 TINY_TRAIN = ["--epochs", "2", "--image-size", "64", "--batch-size", "16", "--workers", "0", "--quiet"]
+
+
+def wait_for(predicate, timeout=180, every=0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def raw_status(run: Path) -> dict:
+    """status.json as written (no interrupted-derivation); {} while it does not exist yet."""
+    from retino import runs
+    try:
+        return runs.read_json(run / "status.json")
+    except runs.RunError:
+        return {}

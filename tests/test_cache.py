@@ -3,7 +3,6 @@ import os
 import threading
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -44,6 +44,15 @@ def test_preprocess_size_and_ben_graham():
     assert abs(centre.mean() - 128) < 20  # the local average colour is gone
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A real PNG header claiming ``width x height`` pixels, without the pixels."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def _bytes(img: Image.Image, fmt, **kw):
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
@@ -108,32 +117,18 @@ def test_truncated_jpeg_is_rejected():
 
 
 def test_decompression_bomb_header_is_rejected():
-    # a real PNG header claiming 30,000 x 30,000 pixels, without the pixels
-    import struct
-    import zlib
-    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    png = png_header(30000, 30000)
     with pytest.raises(ImageError, match="900 MP is larger than the 80 MP limit"):
         load_image(png)
 
 
 def test_too_many_pixels_below_pil_bomb_limit_is_rejected():
-    # 10,000 x 9,000 = 90 MP: under Pillow's own bomb limit, over Retino's
-    import struct
-    import zlib
-    ihdr = struct.pack(">IIBBBBB", 10000, 9000, 8, 2, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    png = png_header(10000, 9000)
     with pytest.raises(ImageError, match="90 MP is larger than the 80 MP"):
         load_image(png)
 
 
 def test_too_many_pixels_below_pil_warning_is_rejected_with_dimensions():
-    import struct
-    import zlib
-    ihdr = struct.pack(">IIBBBBB", 9500, 9000, 8, 2, 0, 0, 0)  # 85.5 MP: only Retino's bound applies
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    png = png_header(9500, 9000)
     with pytest.raises(ImageError, match="9500 x 9000"):
         load_image(png)

@@ -9,33 +9,20 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_TRAIN, run_cli
+from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
 from retino import jobs, runs
 from retino.config import TrainConfig
-from retino.data import ImageError, load_image
+from retino.data import load_image
 
 
-def _status(run):
-    try:
-        return runs.read_json(run / "status.json")
-    except runs.RunError:
-        return {}
 
 
-def _wait_for(predicate, timeout=180, every=0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 ARGS = ["--epochs", "3", "--image-size", "64", "--batch-size", "8", "--workers", "0", "--quiet"]
@@ -59,7 +46,7 @@ def test_sigkill_at_random_points_then_resume(tiny_data, tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # somewhere in epochs 1-3: wait for a random (epoch, step) and kill without warning
         target = (rng.randint(1, 3), rng.randint(1, 6))
-        _wait_for(lambda: (_status(run).get("epoch", 0), _status(run).get("step", 0)) >= target
+        wait_for(lambda: (raw_status(run).get("epoch", 0), raw_status(run).get("step", 0)) >= target
                   or proc.poll() is not None)
         time.sleep(rng.uniform(0, 0.3))
         proc.send_signal(signal.SIGKILL)
@@ -157,9 +144,9 @@ def test_two_launches_get_two_folders_and_queue_on_one_device(tiny_data, tmp_pat
     a, b, c = jobs.launch(cfg, root), jobs.launch(cfg, root), jobs.launch(cfg, root)
     assert len({a, b, c}) == 3
     # the third is stopped while it waits for the device: it leaves the queue without training
-    assert _wait_for(lambda: runs.read_status(c)["state"] == "queued" and runs.read_status(c).get("started"))
-    assert _wait_for(lambda: jobs.stop(c) or runs.read_status(c)["state"] != "queued", timeout=30)
-    assert _wait_for(lambda: runs.read_status(c)["state"] == "stopped", timeout=60)
+    assert wait_for(lambda: runs.read_status(c)["state"] == "queued" and runs.read_status(c).get("started"))
+    assert wait_for(lambda: jobs.stop(c) or runs.read_status(c)["state"] != "queued", timeout=30)
+    assert wait_for(lambda: runs.read_status(c)["state"] == "stopped", timeout=60)
     assert runs.read_metrics(c) == []
     both_running, saw_queued = False, False
 
@@ -170,7 +157,7 @@ def test_two_launches_get_two_folders_and_queue_on_one_device(tiny_data, tmp_pat
         saw_queued |= "queued" in states and "running" in states
         return all(s in ("completed", "failed", "interrupted") for s in states)
 
-    assert _wait_for(done, timeout=240, every=0.1)
+    assert wait_for(done, timeout=240, every=0.1)
     assert [runs.read_status(r)["state"] for r in (a, b)] == ["completed", "completed"]
     assert saw_queued and not both_running
 

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, run_cli
+from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
 from retino import runs
 from retino.config import ARCHS, ConfigError, TrainConfig
 from retino.models import list_models
@@ -70,20 +69,8 @@ def test_regression_head_writes_thresholds(tiny_data, tmp_path):
     assert len(row["thresholds"]) == 4 and row["thresholds"] == sorted(row["thresholds"])
 
 
-def _wait_for(predicate, timeout=120, every=0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
-def _status(run):
-    try:
-        return runs.read_json(run / "status.json")
-    except runs.RunError:
-        return {}
 
 
 def test_stop_mid_epoch_then_resume_equals_unbroken_run(tiny_data, tmp_path):
@@ -94,7 +81,7 @@ def test_stop_mid_epoch_then_resume_equals_unbroken_run(tiny_data, tmp_path):
     broken = tmp_path / "broken"
     proc = subprocess.Popen([sys.executable, "-m", "retino", "train", *map(str, args), "--run-dir", str(broken)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert _wait_for(lambda: _status(broken).get("epoch") == 2 and _status(broken).get("step", 0) >= 1)
+    assert wait_for(lambda: raw_status(broken).get("epoch") == 2 and raw_status(broken).get("step", 0) >= 1)
     proc.send_signal(signal.SIGTERM)  # graceful: finish the step, save, state stopped
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
