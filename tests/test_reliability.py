@@ -138,27 +138,36 @@ def test_half_copied_and_vanishing_run_folders_are_listed_with_problems(tmp_path
     assert [r.id for r in runs.list_runs(root)] == [half.name]
 
 
-def test_two_launches_get_two_folders_and_queue_on_one_device(tiny_data, tmp_path):
+def test_launches_get_their_own_folders_and_queue_on_one_device(tiny_data, tmp_path):
     root = tmp_path / "checkpoints"
     cfg = TrainConfig(data=str(tiny_data), epochs=2, image_size=64, batch_size=16, workers=0, device="cpu")
-    a, b, c = jobs.launch(cfg, root), jobs.launch(cfg, root), jobs.launch(cfg, root)
-    assert len({a, b, c}) == 3
-    # the third is stopped while it waits for the device: it leaves the queue without training
-    assert wait_for(lambda: runs.read_status(c)["state"] == "queued" and runs.read_status(c).get("started"))
-    assert wait_for(lambda: jobs.stop(c) or runs.read_status(c)["state"] != "queued", timeout=30)
-    assert wait_for(lambda: runs.read_status(c)["state"] == "stopped", timeout=60)
-    assert runs.read_metrics(c) == []
+    launched = [jobs.launch(cfg, root) for _ in range(3)]
+    assert len(set(launched)) == 3
+    # whichever run waits for the device first is stopped there: it leaves the queue without training
+    waiting = []
+
+    def one_queued():
+        waiting[:] = [r for r in launched if runs.read_status(r)["state"] == "queued"
+                      and runs.read_status(r).get("started")]  # queued by its trainer, not just launched
+        return bool(waiting)
+
+    assert wait_for(one_queued)
+    victim = waiting[0]
+    assert wait_for(lambda: jobs.stop(victim) or runs.read_status(victim)["state"] != "queued", timeout=30)
+    assert wait_for(lambda: runs.read_status(victim)["state"] == "stopped", timeout=60)
+    assert runs.read_metrics(victim) == []
+    others = [r for r in launched if r != victim]
     both_running, saw_queued = False, False
 
     def done():
         nonlocal both_running, saw_queued
-        states = [runs.read_status(r)["state"] for r in (a, b)]
+        states = [runs.read_status(r)["state"] for r in others]
         both_running |= states == ["running", "running"]
         saw_queued |= "queued" in states and "running" in states
         return all(s in ("completed", "failed", "interrupted") for s in states)
 
     assert wait_for(done, timeout=240, every=0.1)
-    assert [runs.read_status(r)["state"] for r in (a, b)] == ["completed", "completed"]
+    assert [runs.read_status(r)["state"] for r in others] == ["completed", "completed"]
     assert saw_queued and not both_running
 
 

@@ -13,11 +13,11 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
+from ._spawn import spawn_context
 from .preprocess import ImageError, load_and_preprocess
 
 CACHE_VERSION = 1  # bump when preprocess() changes what it produces
@@ -129,9 +129,7 @@ def _fill(tmp: Path, paths, size, ben_graham, workers, progress, desc) -> dict:
                 errors[i] = err
             bar.update()
     else:
-        # spawn, not fork: a forked child can inherit a lock held by another thread (the heartbeat,
-        # tqdm's monitor) and hang forever.
-        with get_context("spawn").Pool(workers, _init_worker, (str(tmp), size, ben_graham)) as pool:
+        with spawn_context() as ctx, ctx.Pool(workers, _init_worker, (str(tmp), size, ben_graham)) as pool:
             for i, err in pool.imap_unordered(_decode_into, jobs, chunksize=8):
                 if err:
                     errors[i] = err

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import multiprocessing as mp
+
 import os
 import re
 import sys
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ._spawn import spawn_context
 
 VERSION = "retino-synth-1"
 ICDR_PROPORTIONS = (0.735, 0.070, 0.151, 0.025, 0.020)
@@ -758,8 +760,8 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
                     bar.update(1)
         else:
             chunk = max(1, min(32, n // (workers * 8)))
-            ctx = mp.get_context("spawn")      # not fork: callers may hold threads (torch, streamlit)
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as ex:
+            with spawn_context() as ctx, ProcessPoolExecutor(workers, mp_context=ctx,
+                                                             initializer=_init_worker) as ex:
                 for _ in ex.map(_write_one, jobs, chunksize=chunk):
                     if bar:
                         bar.update(1)
