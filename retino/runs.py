@@ -290,11 +290,11 @@ def delete_run(run_dir: Path, root: Path | None = None) -> None:
     """Delete a run folder (refused for a live one and for anything outside ``root``)."""
     run_dir = resolve_run_dir(run_dir, root)
     try:
-        if read_status(run_dir).get("state") in ACTIVE:
-            raise RunError(f"{run_dir.name}: is still {read_status(run_dir)['state']}; stop it first")
-    except RunError as e:
-        if "still" in str(e):
-            raise
+        state = read_status(run_dir).get("state")
+    except RunError:  # no or broken status.json: a half-copied folder, deletable
+        state = None
+    if state in ACTIVE:
+        raise RunError(f"{run_dir.name}: is still {state}; stop it first")
     shutil.rmtree(run_dir)
 
 

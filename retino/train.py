@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import metrics, runs
+from .compare import best_row
 from .config import TrainConfig
 from .data import read_dataset
 from .data.cache import build_cache
@@ -455,5 +456,4 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
             dist.barrier()
         if ctx.should_stop():
             return {"stopped_at": {"epoch": epoch, "step": steps_per_epoch}}
-    rows = runs.read_metrics(run_dir) if ctx.main else []
-    return max(rows, key=lambda r: r["test_qwk"]) if rows else {}
+    return (best_row(runs.read_metrics(run_dir)) or {}) if ctx.main else {}
