@@ -1,8 +1,9 @@
 """The run folder, ``checkpoints/<run-id>/``: the only module that reads or writes one.
 
 Files: ``config.json`` (written once), ``metrics.jsonl`` (one line per epoch, appended),
-``status.json`` (state and heartbeat, replaced atomically), ``best.pt`` / ``last.pt`` (plain dicts,
-written to a temporary file and renamed), ``meta.json`` (display name and tags, user-editable),
+``status.json`` (state and heartbeat, replaced atomically), ``last.pt`` (a plain dict with the optimizer
+state, for resuming) and ``best.pt`` (weights, config and normalisation only, for predicting), each
+written to a temporary file and renamed, ``meta.json`` (display name and tags, user-editable),
 ``train.log`` (the process's output). Every write is whole or absent, so a kill at any moment leaves
 a folder that reads.
 """

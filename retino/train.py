@@ -294,6 +294,9 @@ def _install_stop_handlers(ctx: Context) -> None:
         signal.signal(sig, handler)
 
 
+_RESUME_ONLY = ("optimizer", "scheduler", "partial", "aug_rng")
+
+
 def _checkpoint(model, optimizer, scheduler, cfg, dataset_info, epoch, partial, gen, thresholds, best, norm):
     net = model.module if hasattr(model, "module") else model
     net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
@@ -443,8 +446,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
             # truncates metrics.jsonl to last.pt's epoch and replays it, so epochs stay consecutive.
             runs.append_metrics(run_dir, row)
             ckpt = _checkpoint(model, optimizer, scheduler, cfg, dataset_info, epoch, None, gen, thresholds, best, norm)
-            if is_best:
-                runs.save_checkpoint(run_dir / "best.pt", ckpt)
+            if is_best:  # best.pt is for predicting: the weights without the optimizer (a third of the size)
+                runs.save_checkpoint(run_dir / "best.pt", {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY})
             runs.save_checkpoint(run_dir / "last.pt", ckpt)
             beat.update(epoch=epoch, step=steps_per_epoch, best_qwk=best, test_qwk=row["test_qwk"],
                         test_acc=row["test_acc"])

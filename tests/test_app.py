@@ -43,10 +43,19 @@ def data_in_use(tiny_data):
     return tiny_data
 
 
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def add_run(trained_run, runs_dir, name, *, created=None, **status) -> Path:
     """A copy of the trained run under a new folder name; ``status`` fields overwrite status.json."""
     dst = runs_dir / name
-    shutil.copytree(trained_run, dst)
+    # checkpoints hard-linked, not copied: Retino replaces files by rename, never writes into one, and
+    # fifty copies of a ResNet18 checkpoint would fill a CI disk
+    shutil.copytree(trained_run, dst, copy_function=_link_or_copy)
     if created is not None:
         config = json.loads((dst / "config.json").read_text())
         runs.write_json(dst / "config.json", {**config, "created": created})

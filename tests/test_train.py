@@ -52,11 +52,14 @@ def test_run_writes_every_file(tiny_data, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 2 and config["dataset"]["layout"] == "retino"
     assert config["versions"]["torch"] == torch.__version__
-    for name in ("best.pt", "last.pt"):
-        ckpt = torch.load(run / name, weights_only=True)
-        assert {"model", "optimizer", "epoch", "config"} <= set(ckpt)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(last)
+    best_ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert {"model", "epoch", "config", "norm", "thresholds"} <= set(best_ckpt)
+    assert "optimizer" not in best_ckpt  # weights only: predicting never needs the optimizer's moments
+    assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
     best = max(rows, key=lambda x: x["test_qwk"])
-    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == best["epoch"]
+    assert best_ckpt["epoch"] == best["epoch"]
     assert runs.check_run(run) == []
 
 
