@@ -49,8 +49,8 @@ def cmd_stats(args) -> int:
 
 def _train_parser(sub) -> None:
     from .config import add_config_arguments
-    p = sub.add_parser("train", help="train a model; every TrainConfig field has a flag",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # each config flag's help already states its default (the flags' own default is None: "not given")
+    p = sub.add_parser("train", help="train a model; every TrainConfig field has a flag")
     add_config_arguments(p)
     p.add_argument("--run-dir", help="run folder to write (default: checkpoints/<date>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last.pt")
