@@ -241,20 +241,35 @@ def evaluate(model, loader, cfg, device, criterion, norm, thresholds, prefix="te
 class Heartbeat(threading.Thread):
     """Rewrites status.json every few seconds, so a live run is never mistaken for a dead one."""
 
-    def __init__(self, run_dir: Path, status: dict, every: float = 2.0):
+    def __init__(self, run_dir: Path, status: dict, every: float = 2.0, progress_every: float = 0.5):
         super().__init__(daemon=True)
-        self.run_dir, self.status, self.every = run_dir, status, every
+        self.run_dir, self.status, self.every, self.progress_every = run_dir, status, every, progress_every
         self.lock, self.done = threading.Lock(), threading.Event()
+        self.written = 0.0
+
+    def _write(self) -> None:
+        runs.write_status(self.run_dir, **self.status)
+        self.written = time.monotonic()
 
     def update(self, **fields) -> None:
+        """Record and write now (state changes, epoch ends)."""
         with self.lock:
             self.status.update(fields)
-            runs.write_status(self.run_dir, **self.status)
+            self._write()
+
+    def progress(self, **fields) -> None:
+        """Record a step's figures; written at most every ``progress_every`` s (a GPU takes dozens of
+        steps a second, and each write is a read, a rename and two fsyncs). ``update`` and the
+        heartbeat write whatever was recorded last."""
+        with self.lock:
+            self.status.update(fields)
+            if time.monotonic() - self.written >= self.progress_every:
+                self._write()
 
     def run(self) -> None:
         while not self.done.wait(self.every):
             with self.lock:
-                runs.write_status(self.run_dir, **self.status)
+                self._write()
 
 
 class StoppedWhileQueued(Exception):
@@ -415,7 +430,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
             if beat:
                 rate = (s.seen - seen0) * ctx.world / max(time.time() - t0, 1e-6)
                 left = (steps_per_epoch - s.step) + (cfg.epochs - epoch) * (steps_per_epoch + 0.15 * steps_per_epoch)
-                beat.update(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
+                beat.progress(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
                             eta_s=round(left * cfg.batch_size * ctx.world / max(rate, 1e-6)),
                             train_loss=s.loss_sum / max(s.seen, 1))
 

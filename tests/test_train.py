@@ -139,3 +139,24 @@ def test_evaluate_json(tiny_data, tmp_path):
     assert out["epoch"] == best["epoch"]
     assert out["test_qwk"] == pytest.approx(best["test_qwk"])
     assert out["test_confusion"] == best["test_confusion"]
+
+
+def test_heartbeat_throttles_step_writes_but_never_loses_the_last(tmp_path, monkeypatch):
+    from retino import train
+    writes = []
+    real_write = runs.write_status
+
+    def counting_write(run_dir, **fields):
+        writes.append(fields["step"])
+        return real_write(run_dir, **fields)
+    monkeypatch.setattr(runs, "write_status", counting_write)
+    beat = train.Heartbeat(tmp_path, {"state": "running", "step": 0}, progress_every=60)
+    beat.progress(step=1)  # the first step is written at once: the page shows progress immediately
+    for step in range(2, 201):
+        beat.progress(step=step)
+    assert writes == [1]
+    assert raw_status(tmp_path)["step"] == 1
+    beat.update(state="stopped")  # a state change writes everything recorded since
+    assert writes == [1, 200]
+    status = raw_status(tmp_path)
+    assert (status["state"], status["step"]) == ("stopped", 200)
