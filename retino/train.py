@@ -184,11 +184,60 @@ class EpochState:
                    d["scores"].tolist(), d["labels"].tolist())
 
 
+def _batches(loader, ctx):
+    """The loader's batches; if its workers die after a stop was asked for, the epoch just ends there.
+
+    A signal sent to the whole process group (Ctrl-C in a terminal, ``pkill -f``, systemd stopping
+    the unit) reaches the data-loader workers too and kills them; the stop is still graceful.
+    """
+    it = iter(loader)
+    _let_workers_die_quietly_when_stopping()
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if _workers_stopped(e, ctx):
+                return
+            raise
+        yield batch
+
+
+_STOP: threading.Event | None = None  # this process's stop request, once fit() has installed its handlers
+
+
+def _let_workers_die_quietly_when_stopping() -> None:
+    """Wrap torch's SIGCHLD handler (set when the first worker pool starts) so that, after a stop
+    was asked for, a worker's death is not raised in the middle of a step; the next fetch reports it.
+
+    torch raises "DataLoader worker ... is killed by signal" from inside the signal handler, i.e.
+    wherever the main thread happens to be (a convolution, the optimizer step).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(torch_handler, "retino", False) or not callable(torch_handler):
+        return
+
+    def handler(signum, frame):
+        if _STOP is not None and _STOP.is_set():
+            return
+        torch_handler(signum, frame)
+    handler.retino = True
+    signal.signal(signal.SIGCHLD, handler)
+
+
+def _workers_stopped(error: BaseException, ctx) -> bool:
+    """The loader's workers died of the stop signal itself (single process; see ``_batches``)."""
+    return ctx.world == 1 and ctx.stop.is_set() and "DataLoader worker" in str(error)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen, state: EpochState,
                     thresholds, on_step=None) -> EpochState:
     """Train until the loader ends or a stop is asked for; ``state`` carries over a resumed epoch."""
     model.train()
-    for images, labels in loader:
+    for images, labels in _batches(loader, ctx):
         x = normalize(augment(to_float(images, ctx.device), cfg.augment, gen), *norm)  # (B, 3, H, W)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -299,7 +348,9 @@ def device_queue(run_dir: Path, device: torch.device, beat: Heartbeat, stop: thr
 
 
 def _install_stop_handlers(ctx: Context) -> None:
+    global _STOP
     from . import _signals
+    _STOP = ctx.stop
     if _signals.STOP.is_set():  # asked before training code was even loaded
         ctx.stop.set()
 
@@ -431,8 +482,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
                 rate = (s.seen - seen0) * ctx.world / max(time.time() - t0, 1e-6)
                 left = (steps_per_epoch - s.step) + (cfg.epochs - epoch) * (steps_per_epoch + 0.15 * steps_per_epoch)
                 beat.progress(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
-                            eta_s=round(left * cfg.batch_size * ctx.world / max(rate, 1e-6)),
-                            train_loss=s.loss_sum / max(s.seen, 1))
+                              eta_s=round(left * cfg.batch_size * ctx.world / max(rate, 1e-6)),
+                              train_loss=s.loss_sum / max(s.seen, 1))
 
         state = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen,
                                 state, thresholds, on_step)
@@ -449,9 +500,20 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
         row = None
         if ctx.main:
             net = model.module if hasattr(model, "module") else model
+            try:
+                test = evaluate(net, test_loader, cfg, ctx.device, criterion, norm, thresholds)
+            except RuntimeError as e:
+                if not _workers_stopped(e, ctx):
+                    raise
+                # the epoch is trained but not evaluated: save it as a whole partial epoch, and
+                # Resume goes straight to its evaluation
+                runs.save_checkpoint(run_dir / "last.pt", _checkpoint(
+                    model, optimizer, scheduler, cfg, dataset_info, epoch - 1, state.as_dict(), gen,
+                    thresholds, best, norm))
+                return {"stopped_at": {"epoch": epoch, "step": state.step}}
             row = {"epoch": epoch, "train_loss": state.loss_sum / max(state.seen, 1),
                    "train_acc": state.correct / max(state.seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                   **evaluate(net, test_loader, cfg, ctx.device, criterion, norm, thresholds),
+                   **test,
                    "thresholds": list(thresholds) if cfg.head == "regress" else None,
                    "train_images_per_s": (state.seen - seen0) * ctx.world / max(train_seconds, 1e-6),
                    "seconds": time.time() - t0}

@@ -61,6 +61,27 @@ def test_sigkill_at_random_points_then_resume(tiny_data, tmp_path):
         assert _comparable(runs.read_metrics(run)) == _comparable(runs.read_metrics(straight))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_to_the_whole_process_group_still_stops_gracefully(tiny_data, tmp_path, sig):
+    """Ctrl-C in a terminal, systemd or ``pkill -f`` signal the data-loader workers as well."""
+    run = tmp_path / "run"
+    args = ["--data", tiny_data, "--epochs", "4", "--image-size", "80", "--batch-size", "4", "--workers", "2",
+            "--quiet", "--run-dir", run]
+    proc = subprocess.Popen([sys.executable, "-m", "retino", "train", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert wait_for(lambda: raw_status(run).get("step", 0) >= 2)
+    os.killpg(proc.pid, sig)  # the group: the trainer and its worker processes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    status = runs.read_status(run)
+    assert (status["state"], status["error"]) == ("stopped", None), status
+    assert runs.check_run(run) == []
+    resumed = run_cli("train", "--resume", run, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert runs.read_status(run)["state"] == "completed"
+    assert [row["epoch"] for row in runs.read_metrics(run)] == [1, 2, 3, 4]
+
+
 def test_stale_heartbeat_reads_as_interrupted(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
