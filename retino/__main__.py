@@ -135,6 +135,18 @@ def cmd_cam_score(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+def _contrast(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        grade = int(text)
+    except ValueError:
+        grade = -1
+    if not 0 <= grade <= 4:
+        raise argparse.ArgumentTypeError(f"expected a grade 0-4 or 'none', got {text!r}")
+    return grade
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m retino", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -174,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cam-score", help="how well Grad-CAM points at the synthetic lesions")
     p.add_argument("run_dir")
     p.add_argument("--data", help="synthetic data set with masks/ (default: the run's own)")
-    p.add_argument("--method", default="gradcam")
+    p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, eigencam or layercam")
+    p.add_argument("--contrast", default="0", type=_contrast, metavar="GRADE|none",
+                   help="explain logit(true grade) minus logit(GRADE) (default: 0, as the Predict page does); "
+                        "'none' explains the plain logit")
     p.add_argument("--limit", type=int, default=0, help="score at most this many images (0 = all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cam_score)

@@ -29,7 +29,8 @@ class TrainConfig:
     # data
     data: str = _f("data/synthetic", "data-set folder (any layout Retino recognises)")
     image_size: int = _f(128, "working size in pixels: images are cropped to the fundus, squared and resized")
-    ben_graham: bool = _f(False, "Ben Graham's local-colour normalisation (Kaggle 2015 winner)")
+    ben_graham: bool = _f(True, "Ben Graham's local-colour normalisation (Kaggle 2015 winner): lesions stand "
+                                "out, lighting and pigment do not; --ben-graham false for plain photos")
     cache: bool = _f(True, "decode each image once into a memory-mapped cache reused by later epochs and runs")
     # model
     arch: str = _f("resnet18", "architecture", ARCHS)

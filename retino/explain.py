@@ -508,7 +508,7 @@ def predict_cli(args) -> int:
 
 def cam_score_cli(args) -> int:
     """``python -m retino cam-score``: one JSON object with ``--json``, else two readable lines."""
-    result = cam_score(args.run_dir, data=args.data, method=args.method, limit=args.limit)
+    result = cam_score(args.run_dir, data=args.data, method=args.method, limit=args.limit, contrast=args.contrast)
     if args.json:
         print(json.dumps(result))
         return 0

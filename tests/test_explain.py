@@ -49,7 +49,8 @@ def _train(synth_dir, tmp_path_factory, name, *extra) -> Path:
 
 @pytest.fixture(scope="session")
 def run_dir(synth_dir, tmp_path_factory) -> Path:
-    return _train(synth_dir, tmp_path_factory, "20260101-000000-classify")
+    # plain photos: tests below look at the brightness of what the model saw (the regress run has Ben Graham)
+    return _train(synth_dir, tmp_path_factory, "20260101-000000-classify", "--ben-graham", "false")
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +306,16 @@ def test_cli_cam_score_json(run_dir):
     assert out["method"] == "gradcam++" and 1 <= out["n"] <= 3
     assert all(0.0 <= out[k] <= 1.0 for k in out if k not in ("method", "n"))
     assert 0 < out["random_mass_in_mask"] < out["random_hit_rate"]  # the dilated mask covers more
+
+
+def test_cli_cam_score_contrast(run_dir):
+    plain = run_cli("cam-score", run_dir, "--limit", 4, "--json", "--contrast", "none")
+    against_0 = run_cli("cam-score", run_dir, "--limit", 4, "--json")
+    assert plain.returncode == 0 and against_0.returncode == 0, plain.stderr + against_0.stderr
+    # the same images, two different targets: the maps (so the mass in the lesions) differ
+    assert json.loads(plain.stdout)["mass_in_mask"] != json.loads(against_0.stdout)["mass_in_mask"]
+    bad = run_cli("cam-score", run_dir, "--contrast", "7")
+    assert bad.returncode == 2 and "expected a grade 0-4 or 'none', got '7'" in bad.stderr
 
 
 def test_cam_score_needs_masks(run_dir, tmp_path):
