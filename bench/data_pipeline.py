@@ -4,11 +4,15 @@ loader against Retino's, on the same images, with the same batch size and number
   lab              the lab report's ``RetinopathyLoader`` (Part 2-B, copied below): per image
                    ``PIL.Image.open`` of a 512x512 JPEG, RandomVerticalFlip(0.5), RandomRotation(30),
                    ToTensor; a DataLoader with shuffle and W workers; batches moved to the device
-  retino           Retino's warm pipeline: the decode-once cache already built, the loader from
-                   ``retino.train.make_loader`` over ``CachedImages``, then ``augment(to_float(batch),
-                   "lab", gen)`` batched on the device (what ``train_one_epoch`` does before the model)
-  retino_loader    the same loader alone (uint8 batches, no augmentation): what the cache delivers
-  retino_augment   ``to_float`` + ``augment`` alone on one batch already in memory: the device's share
+  retino           Retino's warm pipeline doing the lab's augmentation (flip, +-30 deg rotation with
+                   nearest resampling, as RandomRotation's default): the decode-once cache already
+                   built, the loader from ``retino.train.make_loader`` over ``CachedImages``, then
+                   ``to_input(batch, device, norm, mode="lab", interpolation="nearest")``: exactly
+                   what ``train_one_epoch`` does before the model, normalised float input included
+  retino_bilinear  the same with bilinear rotation (Retino's default ``--interpolation``)
+  retino_loader    the same loader alone, each batch's bytes read once (no augmentation): what the
+                   cache delivers (on a CPU the loader hands over views of the memory-mapped rows)
+  retino_augment   ``to_input`` alone on one batch already in memory: the device's share
 
 Rounds alternate lab / retino / retino_loader, each with fresh worker processes, a warm-up and then
 K timed batches; the figures are the medians over rounds, so a busy machine hurts both alike.
@@ -45,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from retino.config import TrainConfig  # noqa: E402
 from retino.data import read_dataset  # noqa: E402
 from retino.data.cache import build_cache, cache_root  # noqa: E402
-from retino.data.loaders import CachedImages, augment, to_float  # noqa: E402
+from retino.data.loaders import CachedImages, to_input  # noqa: E402
+from retino.models import normalization  # noqa: E402
 from retino.data.preprocess import load_and_preprocess, load_image, preprocess  # noqa: E402
 from retino.train import Context, Split, make_loader, pick_device  # noqa: E402
 
@@ -163,18 +168,33 @@ def warm_pipeline(train_dir: Path, cache_path: Path, size: int, batch: int, work
     reps = math.ceil((warmup + k) * batch / len(names))  # one epoch covers warm-up + timed batches
     names_r, labels_r, index_r = names * reps, np.tile(labels, reps), np.tile(np.arange(len(names)), reps)
     gen = torch.Generator().manual_seed(0)
+    dev, norm = torch.device(device), normalization("resnet18", False)
 
     def lab_step(x):
         x.to(device, non_blocking=True)
 
-    def retino_step(images):
-        augment(to_float(images, device), "lab", gen)  # (B, 3, S, S) on the device
+    def retino_step(interpolation):
+        def step(images):  # (B, 3, S, S) normalised, on the device
+            to_input(images, dev, norm, mode="lab", gen=gen, interpolation=interpolation)
+        return step
+
+    held = {}
+
+    def read_rows(images):  # every byte of the batch read once (on a CPU the loader hands over views)
+        if torch.is_tensor(images):
+            images = list(images)
+        buf = held.setdefault(len(images), np.empty((len(images), *images[0].shape), np.uint8))
+        for i, row in enumerate(images):
+            buf[i] = row
 
     fresh = {
         "lab": (lambda: lab_loader(root, names_r, labels_r, batch, workers), lab_step),
-        "retino": (lambda: retino_loader(cache_path, index_r, labels_r, batch, workers, device), retino_step),
+        "retino": (lambda: retino_loader(cache_path, index_r, labels_r, batch, workers, device),
+                   retino_step("nearest")),
+        "retino_bilinear": (lambda: retino_loader(cache_path, index_r, labels_r, batch, workers, device),
+                            retino_step("bilinear")),
         "retino_loader": (lambda: retino_loader(cache_path, index_r, labels_r, batch, workers, device),
-                          lambda images: None),
+                          read_rows),
     }
     per_round = {name: [] for name in fresh}
     for _ in range(rounds):
@@ -184,17 +204,19 @@ def warm_pipeline(train_dir: Path, cache_path: Path, size: int, batch: int, work
             del loader  # with its iterator and workers: the next round starts on an idle machine
             gc.collect()
     batch_u8 = torch.from_numpy(np.array(np.load(cache_path, mmap_mode="r")[:batch]))  # (B, S, S, 3) uint8
-    per_round["retino_augment"] = [_time_augment(batch_u8, device, gen, max(2, k // 2)) for _ in range(rounds)]
+    per_round["retino_augment"] = [_time_augment(batch_u8, dev, norm, gen, max(2, k // 2)) for _ in range(rounds)]
     return {name: statistics.median(v) for name, v in per_round.items()} | {"rounds": per_round}
 
 
-def _time_augment(batch_u8, device, gen, k: int) -> float:
-    augment(to_float(batch_u8, device), "lab", gen)
-    _sync(device)
+def _time_augment(batch_u8, device, norm, gen, k: int) -> float:
+    def step():
+        to_input(batch_u8, device, norm, mode="lab", gen=gen, interpolation="nearest")
+    step()
+    _sync(str(device))
     t0 = time.perf_counter()
     for _ in range(k):
-        augment(to_float(batch_u8, device), "lab", gen)
-    _sync(device)
+        step()
+    _sync(str(device))
     return k * len(batch_u8) / (time.perf_counter() - t0)
 
 
@@ -251,6 +273,8 @@ def run(args) -> dict:
         "timed_batches": args.batches, "rounds": args.rounds,
         "lab_images_per_s": round(warm["lab"], 1), "retino_images_per_s": round(warm["retino"], 1),
         "ratio": round(ratio, 2), "target_ratio": TARGET_RATIO, "target_met": ratio >= TARGET_RATIO,
+        "retino_bilinear_images_per_s": round(warm["retino_bilinear"], 1),
+        "retino_bilinear_ratio": round(warm["retino_bilinear"] / warm["lab"], 2),
         "retino_loader_images_per_s": round(warm["retino_loader"], 1),
         "retino_loader_ratio": round(warm["retino_loader"] / warm["lab"], 2),
         "retino_augment_images_per_s": round(warm["retino_augment"], 1),
@@ -267,9 +291,11 @@ def print_table(r: dict) -> None:
           f"{r['workers']} workers, {r['train_images']} images, median of {r['rounds']} rounds "
           f"x {r['timed_batches']} batches")
     rows = [("lab report loader (PIL per image)", r["lab_images_per_s"], 1.0),
-            ("retino warm pipeline (cache + augment)", r["retino_images_per_s"], r["ratio"]),
-            ("  retino loader alone (uint8 batches)", r["retino_loader_images_per_s"], r["retino_loader_ratio"]),
-            ("  retino to_float + augment alone", r["retino_augment_images_per_s"],
+            ("retino warm pipeline (lab's augmentation)", r["retino_images_per_s"], r["ratio"]),
+            ("retino warm pipeline, bilinear rotation", r["retino_bilinear_images_per_s"],
+             r["retino_bilinear_ratio"]),
+            ("  retino loader alone (batch bytes read)", r["retino_loader_images_per_s"], r["retino_loader_ratio"]),
+            ("  retino to_input alone (one batch)", r["retino_augment_images_per_s"],
              r["retino_augment_images_per_s"] / r["lab_images_per_s"])]
     print(f"  {'pipeline':<42}{'images/s':>10}{'x lab':>8}")
     for name, rate, x in rows:

@@ -66,8 +66,10 @@ print(f"data pipeline at {data['size']} px, batch {data['batch_size']}, {data['w
 print(f"  lab loader {data['lab_images_per_s']:.1f}   retino warm {data['retino_images_per_s']:.1f}   "
       f"ratio {data['ratio']:.2f}x   target >= {data['target_ratio']:.0f}x: "
       f"{'met' if data['target_met'] else 'NOT met'}")
+print(f"  retino warm, bilinear rotation {data['retino_bilinear_images_per_s']:.1f} "
+      f"({data['retino_bilinear_ratio']:.2f}x)")
 print(f"  retino loader alone {data['retino_loader_images_per_s']:.1f}   "
-      f"to_float + augment alone {data['retino_augment_images_per_s']:.1f}")
+      f"to_input alone {data['retino_augment_images_per_s']:.1f}")
 print(f"first pass on {data['first_pass_source']}: draft {data['first_pass_draft_images_per_s']:.2f}, "
       f"full decode {data['first_pass_full_images_per_s']:.2f} images/s ({data['first_pass_draft_ratio']:.2f}x)")
 print()

@@ -16,7 +16,8 @@ from retino.models import list_models, weights_available
 
 LAB = {"image_size": 512, "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
        "head": "classify", "loss": "ce", "class_weights": "lab", "epochs": 10, "batch_size": 8,
-       "schedule": "constant", "ben_graham": False, "augment": "lab", "sampler": "plain"}
+       "schedule": "constant", "ben_graham": False, "augment": "lab", "interpolation": "nearest",
+       "sampler": "plain"}
 # ^ the lab report's settings: plain photos, its augmentation, no learning-rate schedule
 PRESETS = {
     # name -> (shared settings, one override per run it queues)

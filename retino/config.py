@@ -11,6 +11,7 @@ LOSSES = ("ce", "mse", "smoothl1")
 CLASS_WEIGHTS = ("none", "lab", "inverse")
 SAMPLERS = ("plain", "balanced")
 AUGMENTS = ("lab", "lab+color", "none")
+INTERPOLATIONS = ("bilinear", "nearest")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +45,8 @@ class TrainConfig:
     sampler: str = _f("plain", "plain shuffling or class-balanced resampling", SAMPLERS)
     augment: str = _f("lab", "lab = vertical flip p=0.5 + rotation +-30 deg; lab+color adds brightness/contrast",
                       AUGMENTS)
+    interpolation: str = _f("bilinear", "rotation resampling: bilinear, or nearest as the lab report's "
+                            "RandomRotation did", INTERPOLATIONS)
     # optimisation
     epochs: int = _f(6, "number of epochs")
     batch_size: int = _f(32, "images per step (per process under torchrun)")
@@ -57,7 +60,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for initialisation, sampling and augmentation")
     # hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", DEVICES)
-    workers: int = _f(2, "data-loader worker processes")
+    workers: int = _f(2, "data-loader worker processes (decoding without the cache, or feeding a GPU; on a CPU "
+                         "the cache is read in the training process)")
     amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported); ignored on CPU")
     channels_last: bool = _f(True, "channels_last memory format on CUDA; ignored on CPU")
     compile: bool = _f(False, "torch.compile the model (CUDA only; pays off on long runs)")

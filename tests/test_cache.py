@@ -2,12 +2,15 @@
 import os
 import threading
 
+import cv2
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from retino.data import read_dataset
 from retino.data.cache import build_cache, cache_key
+from retino.data import loaders
 from retino.data.loaders import CachedImages, DecodedImages, EpochSampler, augment
 
 
@@ -103,3 +106,39 @@ def test_augment_flip_and_rotation_on_batches():
     assert torch.equal(augment(x, "none", g), x)
     col = augment(torch.full((8, 3, 16, 16), 0.5), "lab+color", g)
     assert col.min() >= 0 and col.max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["none", "lab", "lab+color"])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_cpu_path_equals_the_tensor_path(mode, interpolation):
+    """OpenCV on uint8 (CPU) and grid_sample on floats (GPU): same draws, same geometry, same colour."""
+    rng = np.random.default_rng(0)
+    smooth = [cv2.resize(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), (48, 48), interpolation=cv2.INTER_CUBIC)
+              for _ in range(6)]
+    u8 = torch.from_numpy(np.stack(smooth))  # (6, 48, 48, 3)
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cpu = loaders.cpu_input(u8, norm, mode=mode, gen=torch.Generator().manual_seed(3), interpolation=interpolation)
+    ref = loaders.normalize(loaders.augment(loaders.to_float(u8, "cpu"), mode, torch.Generator().manual_seed(3),
+                                            interpolation), *norm)
+    assert cpu.shape == ref.shape == (6, 3, 48, 48)
+    assert cpu.is_contiguous(memory_format=torch.channels_last)
+    diff = (cpu - ref).abs()
+    if interpolation == "nearest" or mode == "none":
+        assert float(diff.max()) < 1e-5
+    else:  # the uint8 warp rounds once: half a grey level, over the smallest std
+        assert float(diff.max()) < 0.6 / 255 / 0.224 + 1e-4
+    rows = loaders.cpu_input(list(u8.numpy()), norm, mode=mode, gen=torch.Generator().manual_seed(3),
+                             interpolation=interpolation)
+    assert torch.equal(rows, cpu)  # rows handed over one by one (the CPU loader) give the same batch
+
+
+def test_cpu_output_buffers_are_reused_only_when_free():
+    shape = (2, 8, 8, 3)
+    first = loaders.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    second = loaders.cpu_input(torch.full(shape, 255, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    assert float(first.max()) == -1.0 and float(second.min()) == 1.0  # the first batch was not overwritten
+    view = second[:, :1]
+    del first, second
+    third = loaders.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    assert float(view.min()) == 1.0  # a live view keeps its buffer out of the pool
+    assert float(third.max()) == -1.0

@@ -66,7 +66,7 @@ def test_signal_to_the_whole_process_group_still_stops_gracefully(tiny_data, tmp
     """Ctrl-C in a terminal, systemd or ``pkill -f`` signal the data-loader workers as well."""
     run = tmp_path / "run"
     args = ["--data", tiny_data, "--epochs", "4", "--image-size", "80", "--batch-size", "4", "--workers", "2",
-            "--quiet", "--run-dir", run]
+            "--cache", "false", "--quiet", "--run-dir", run]  # uncached: a CPU run reads a cache without workers
     proc = subprocess.Popen([sys.executable, "-m", "retino", "train", *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     assert wait_for(lambda: raw_status(run).get("step", 0) >= 2)
