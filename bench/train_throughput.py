@@ -65,7 +65,7 @@ def ceiling(arch: str, cfg: TrainConfig, device: torch.device, labels, warmup: i
     model = _new_model(arch, device, cuda and cfg.channels_last)
     optimizer, criterion = build_optimizer(model, cfg), make_criterion(cfg, labels, device)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)  # (B, 3, S, S)
-    if cuda and cfg.channels_last:
+    if (cuda and cfg.channels_last) or not cuda:  # the memory format Retino's to_input delivers
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (cfg.batch_size,), device=device)
     model.train()
