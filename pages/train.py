@@ -26,7 +26,7 @@ PRESETS = {
         LAB, [{"arch": a, "pretrained": p} for a in ("resnet18", "resnet50") for p in (False, True)]),
 }
 MAIN = ("arch", "pretrained", "head", "loss", "class_weights", "sampler", "augment", "epochs", "batch_size",
-        "image_size", "optimizer", "lr", "weight_decay", "device", "seed", "name")
+        "image_size", "ben_graham", "optimizer", "lr", "weight_decay", "device", "seed", "name")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "data"}  # data: the sidebar's choice
 SMALL_FLOATS = {"lr": 1e-4, "weight_decay": 1e-5, "momentum": 0.05, "warmup_epochs": 0.5}  # widget steps
 
