@@ -138,9 +138,10 @@ def _pixels(path) -> int:
 
 # ----------------------------------------------------------------------------- timing
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def sync(device) -> None:
+    """Wait for the GPU's queued work (``device``: a name like "cuda:0" or a torch.device); no-op on a CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def time_batches(loader, step, warmup: int, k: int, device: str) -> float:
@@ -148,13 +149,13 @@ def time_batches(loader, step, warmup: int, k: int, device: str) -> float:
     it = iter(loader)
     for _ in range(warmup):
         step(next(it)[0])
-    _sync(device)
+    sync(device)
     n, t0 = 0, time.perf_counter()
     for _ in range(k):
         images = next(it)[0]
         step(images)
         n += len(images)
-    _sync(device)
+    sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -212,11 +213,11 @@ def _time_augment(batch_u8, device, norm, gen, k: int) -> float:
     def step():
         to_input(batch_u8, device, norm, mode="lab", gen=gen, interpolation="nearest")
     step()
-    _sync(str(device))
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(k):
         step()
-    _sync(str(device))
+    sync(device)
     return k * len(batch_u8) / (time.perf_counter() - t0)
 
 
@@ -307,6 +308,15 @@ def print_table(r: dict) -> None:
           f"preprocess {r['first_pass_full_images_per_s']:.2f} images/s: {r['first_pass_draft_ratio']:.2f}x")
 
 
+def report(result, as_json: bool, table) -> int:
+    """Print one JSON document with ``--json``, else the readable table (every benchmark's ending)."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        table(result)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -329,12 +339,7 @@ def main(argv=None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    result = run(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-    return 0
+    return report(run(args), args.json, print_table)
 
 
 if __name__ == "__main__":

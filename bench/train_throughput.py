@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline import lab_loader, machine, synthetic_set  # noqa: E402  (bench/data_pipeline.py)
+from data_pipeline import lab_loader, machine, report, sync, synthetic_set  # noqa: E402  (bench/data_pipeline.py)
 from retino.config import ARCHS, TrainConfig  # noqa: E402
 from retino.data import read_dataset  # noqa: E402
 from retino.data.cache import build_cache, cache_root  # noqa: E402
@@ -46,11 +45,6 @@ from retino.train import (Context, EpochState, Split, autocast, build_optimizer,
                           make_criterion, make_loader, setup_context, train_one_epoch)
 
 TARGET_CEILING_RATIO = 0.9  # issue 6: Retino's loop keeps >= 90% of the model's own speed on a GPU
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _new_model(arch: str, device: torch.device, channels_last: bool) -> nn.Module:
@@ -80,11 +74,11 @@ def ceiling(arch: str, cfg: TrainConfig, device: torch.device, labels, warmup: i
 
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
@@ -233,12 +227,7 @@ def main(argv=None) -> int:
         args.n = 64
     if min(args.warmup, args.steps, args.rounds) < 1:
         p.error("--warmup, --steps and --rounds must be at least 1")
-    rows = run(args)
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        print_table(rows)
-    return 0
+    return report(run(args), args.json, print_table)
 
 
 if __name__ == "__main__":

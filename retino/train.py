@@ -489,15 +489,19 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
                               eta_s=round(left * cfg.batch_size * ctx.world / max(rate, 1e-6)),
                               train_loss=s.loss_sum / max(s.seen, 1))
 
-        state = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen,
-                                state, thresholds, on_step)
-        bar.close()
-        if ctx.stop.is_set() and state.step < steps_per_epoch:
-            if ctx.main:  # mid-epoch: save where we are, so Resume continues this very epoch
+        def stopped_here() -> dict:
+            """Save this epoch as far as it got (a partial epoch in last.pt), so Resume continues it."""
+            if ctx.main:
                 runs.save_checkpoint(run_dir / "last.pt", _checkpoint(
                     model, optimizer, scheduler, cfg, dataset_info, epoch - 1, state.as_dict(), gen,
                     thresholds, best, norm))
             return {"stopped_at": {"epoch": epoch, "step": state.step}}
+
+        state = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen,
+                                state, thresholds, on_step)
+        bar.close()
+        if ctx.stop.is_set() and state.step < steps_per_epoch:  # mid-epoch
+            return stopped_here()
         train_seconds = time.time() - t0
         if cfg.head == "regress":  # thresholds optimised for QWK on this epoch's training predictions
             thresholds = metrics.fit_thresholds(np.array(state.scores), np.array(state.labels))
@@ -509,12 +513,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
             except RuntimeError as e:
                 if not _workers_stopped(e, ctx):
                     raise
-                # the epoch is trained but not evaluated: save it as a whole partial epoch, and
-                # Resume goes straight to its evaluation
-                runs.save_checkpoint(run_dir / "last.pt", _checkpoint(
-                    model, optimizer, scheduler, cfg, dataset_info, epoch - 1, state.as_dict(), gen,
-                    thresholds, best, norm))
-                return {"stopped_at": {"epoch": epoch, "step": state.step}}
+                return stopped_here()  # trained but not evaluated: Resume goes straight to the evaluation
             row = {"epoch": epoch, "train_loss": state.loss_sum / max(state.seen, 1),
                    "train_acc": state.correct / max(state.seen, 1), "lr": optimizer.param_groups[0]["lr"],
                    **test,

@@ -9,6 +9,7 @@ same whether run straight through or resumed.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -240,20 +241,20 @@ def cpu_input(images, norm, *, mode: str = "none", gen: torch.Generator | None =
     return torch.from_numpy(out).permute(0, 3, 1, 2)  # NHWC memory: a channels_last view, no copy
 
 
-_POOL: list = []
-
-
-def _pool():
-    if not _POOL:
-        n = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
-        _POOL.extend([ThreadPoolExecutor(n, thread_name_prefix="retino-augment"), n])
-    return _POOL[0], _POOL[1]
+@functools.cache
+def _pool() -> tuple[ThreadPoolExecutor, int]:
+    """The augmentation threads, one per usable core (at most 8), made on first use."""
+    n = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    return ThreadPoolExecutor(n, thread_name_prefix="retino-augment"), n
 
 
 def to_input(images: torch.Tensor, device: torch.device, norm, *, mode: str = "none",
              gen: torch.Generator | None = None, interpolation: str = "bilinear",
              channels_last: bool = False) -> torch.Tensor:
-    """A loader's uint8 batch as the model's input: augmented (``mode``), normalised, on ``device``."""
+    """A loader's uint8 batch as the model's input: augmented (``mode``), normalised, on ``device``.
+
+    ``channels_last`` applies on a GPU; a CPU batch is channels_last always (see :func:`cpu_input`).
+    """
     if device.type == "cpu":
         return cpu_input(images, norm, mode=mode, gen=gen, interpolation=interpolation)
     x = normalize(augment(to_float(images, device), mode, gen, interpolation), *norm)
