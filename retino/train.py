@@ -224,7 +224,7 @@ class Cadence:
 
     def __init__(self, every: int, target_s: float = 0.5):
         self.every, self.target_s = every, target_s
-        self.next, self.last_t = 1, time.monotonic()
+        self.next = every or 1  # auto: read after the first step, then as its measured time says
 
     def due(self, step: int) -> bool:
         return step >= self.next
@@ -319,7 +319,7 @@ def split_metrics(outputs: np.ndarray, labels: np.ndarray, *, head: str, thresho
                   prefix: str) -> dict:
     """Loss and every metric of :func:`retino.metrics.classification_metrics` from a split's outputs."""
     out = torch.from_numpy(outputs)
-    loss = float(criterion(out, torch.from_numpy(labels))) if len(labels) else math.nan
+    loss = float(criterion(out, torch.tensor(labels))) if len(labels) else math.nan
     if head == "regress":
         score = outputs.reshape(-1).astype(np.float64)
         pred, ref = metrics.apply_thresholds(score, thresholds), score
