@@ -139,7 +139,7 @@ def print_table(r: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="baseline on 10 resamples, one rep (a few seconds)")
+    p.add_argument("--quick", action="store_true", help="baseline on 10 resamples, one rep (~3 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--n-boot", type=int, default=1000, help="resamples timed for retino")
     p.add_argument("--patients", type=int, default=3500, help="patients in the test split (2 images each)")

@@ -26,8 +26,8 @@ from sklearn.metrics import roc_curve
 from retino.metrics import GRADES, REFERABLE, _grades
 
 _K = len(GRADES)
-# Bounds of the temperature search. Guo et al. 2017 (table 4's models) fit T between about 1 and 3;
-# 0.05-20 leaves wide room either side and keeps exp(logits / T) finite for any sane logit.
+# Bounds of the temperature search: a 400-fold range around 1, far wider than a trained network's
+# over- or under-confidence calls for, and narrow enough to keep exp(logits / T) finite.
 T_MIN, T_MAX = 0.05, 20.0
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -78,7 +78,7 @@ def reliability_bins(probs, y, n_bins: int = 15) -> pd.DataFrame:
 
 
 def expected_calibration_error(probs, y, n_bins: int = 15) -> float:
-    """ECE: sum over bins of (bin share of images) x |accuracy - mean confidence| (Guo et al. 2017, eq. 3)."""
+    """ECE: sum over bins of (bin share of images) x |accuracy - mean confidence| (Guo et al. 2017, section 2)."""
     bins = reliability_bins(probs, y, n_bins)
     full = bins[bins["count"] > 0]
     return float((full["count"] * (full["accuracy"] - full["confidence"]).abs()).sum() / bins["count"].sum())
