@@ -8,8 +8,8 @@ Hinkley 1997, "Bootstrap Methods and their Application", section 3.8; Field & We
 
 Every metric is computed for all resamples at once from a (n_boot, n_images) weight matrix: a loop
 over 1,000 resamples calling scikit-learn takes 2-9 s per metric on a 7,000-image split, the
-vectorised path under 0.1 s (``bench/bootstrap.py``, BENCHMARKS.md). With all weights 1 each function equals scikit-learn's
-(and ``retino.metrics``) on the same images, which the tests check.
+vectorised path under 0.1 s (``bench/bootstrap.py``, BENCHMARKS.md). With all weights 1 each
+function equals scikit-learn's (and ``retino.metrics``) on the same images, which the tests check.
 
 Percentile intervals throughout (Efron & Tibshirani 1993, ch. 13). A predicted grade is referable
 when >= 2 and a score is referable at ``threshold`` when ``score >= threshold``, as in
@@ -44,7 +44,8 @@ def _codes(groups, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"groups has {len(groups)} patient ids for {n} images.")
     codes, uniques = pd.factorize(groups)
     if (codes < 0).any():
-        raise ValueError(f"groups holds missing patient ids (None/NaN) at images {np.flatnonzero(codes < 0)[:5].tolist()}.")
+        missing = np.flatnonzero(codes < 0)[:5].tolist()
+        raise ValueError(f"groups holds missing patient ids (None/NaN) at images {missing}.")
     return codes, np.asarray(uniques, dtype=object)
 
 
@@ -157,7 +158,8 @@ def metric_table(w: np.ndarray, y_true, y_pred, ref_score, threshold: Optional[f
     out = {}
     if y_pred is not None:
         cm = weighted_confusion(w, y_true, y_pred)
-        out.update(qwk=qwk_from_confusion(cm), accuracy=accuracy_from_confusion(cm), macro_f1=macro_f1_from_confusion(cm))
+        out.update(qwk=qwk_from_confusion(cm), accuracy=accuracy_from_confusion(cm),
+                   macro_f1=macro_f1_from_confusion(cm))
     out["referable_auc"] = weighted_auc(w, positive, ref_score)
     if threshold is not None:
         flagged = ref_score >= threshold
@@ -197,7 +199,8 @@ def _summary(value: float, boot: np.ndarray, level: float) -> dict:
     """{"value", "lo", "hi", "n_boot"}: percentile interval over the resamples where the metric is defined."""
     boot = boot[np.isfinite(boot)]
     if not np.isfinite(value) or not boot.size:
-        return {"value": None if not np.isfinite(value) else float(value), "lo": None, "hi": None, "n_boot": int(boot.size)}
+        value = float(value) if np.isfinite(value) else None
+        return {"value": value, "lo": None, "hi": None, "n_boot": int(boot.size)}
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(boot, [tail, 100.0 - tail])
     # A percentile interval can miss the full-sample estimate when the bootstrap distribution is
@@ -254,7 +257,8 @@ def _run(run, name: str) -> tuple:
         return run["y_true"], run["y_pred"], run["ref_score"]
     if isinstance(run, Sequence) and len(run) == 3:
         return tuple(run)
-    raise ValueError(f"Run {name} must be a dict with y_true, y_pred, ref_score or a 3-tuple of them, got {type(run).__name__}.")
+    raise ValueError(f"Run {name} must be a dict with y_true, y_pred, ref_score or a 3-tuple of them, "
+                     f"got {type(run).__name__}.")
 
 
 def paired_difference(a, b, *, groups, threshold_a: Optional[float], threshold_b: Optional[float],
