@@ -120,8 +120,7 @@ def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int
     groups = part["patient"].to_numpy()
     cut = threshold if threshold is not None else 0.5
     ivs = stats.intervals(y, pred, ref, groups=groups, threshold=cut, n_boot=n_boot, seed=seed)
-    pids, p_ref, p_score = stats.patient_level(groups, y, ref)
-    patient = stats.referable_intervals(p_ref, p_score, threshold=cut, n_boot=n_boot, seed=seed)
+    patient = stats.patient_intervals(groups, y, ref, threshold=cut, n_boot=n_boot, seed=seed)
     probs_raw, probs_cal = _probs(part), _calibrated_probs(part, chosen["temperature"])
     calib = {"temperature": chosen["temperature"], "ece": None, "ece_before_temperature": None}
     if probs_raw is not None:
@@ -134,7 +133,7 @@ def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int
         "operating_point": {"threshold": threshold, "target_sensitivity": op.get("target_sensitivity"),
                             "val_sensitivity": op.get("val_sensitivity"),
                             "val_specificity": op.get("val_specificity")},
-        "patient": {**patient, "n": int(len(pids))}, "calibration": calib,
+        "patient": patient, "calibration": calib,
         "per_grade_recall": per_grade["recall"], "confusion": per_grade["confusion"],
         "majority_baseline": metrics.majority_baseline(y), "n_boot": n_boot})
 

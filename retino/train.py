@@ -611,9 +611,9 @@ STEP_LOG_LEN = 200  # points of the live loss curve kept in status.json
 
 def _step_log(beat, epoch: int, step: int, steps_per_epoch: int, loss: float, optimizer) -> dict:
     """The live curve's next point (global step, epoch loss so far, lr), at most STEP_LOG_LEN kept."""
-    log = list(beat.status.get("steps") or [])
+    log = list(beat.status.get("step_log") or [])
     log.append({"step": (epoch - 1) * steps_per_epoch + step, "epoch": epoch, "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"]})
     if len(log) > STEP_LOG_LEN:
         log = log[::2]  # halve the resolution instead of forgetting the start
-    return {"steps": log}
+    return {"step_log": log}
