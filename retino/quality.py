@@ -70,7 +70,9 @@ class Limits:
     than 80% of the field is clipped (an over-exposed photo's colour is unreadable)."""
     min_structure: float = 0.001
     """std of the sigma-3-px LoG of green / its median, at FOCUS_DIAMETER: real >= 0.0097,
-    synthetic >= 0.075, over-exposed synthetic >= 0.0025; a uniform drawn disc 0.00007."""
+    synthetic >= 0.075, over-exposed synthetic >= 0.0025; a uniform drawn disc 0.00007. Not applied
+    to a field whose green is clipped (max_clipped): a white disc and a burnt-out fundus photo
+    look the same, and both are called over-exposed."""
     # -- can it be graded? (ungradable)
     min_brightness: float = 0.1
     """Median luminance (Rec. 601) inside 0.9 R: real >= 0.153, synthetic >= 0.18; dark synthetic
@@ -266,6 +268,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
               ("field edge not sharp", "brightness step at the edge", "edge_step", ">=", L.min_edge_step),
               ("not the colour of a retina", "red share", "red_share", ">=", L.min_red_share),
               ("a blank field, no retina to see", "structure", "structure", ">=", L.min_structure)]
+    if sc.get("clipped", 0.0) > L.max_clipped:
+        checks.pop()    # a burnt-out field is blank too: over-exposed (ungradable), not proof of no retina
     for what, measure_, key, op, limit in checks:
         if key in sc and (sc[key] < limit if op == ">=" else sc[key] > limit):
             out.append(_reason(what, measure_, sc[key], op, limit))
