@@ -45,12 +45,12 @@ from .grades import REFERABLE_GRADE
 from .predict import tta_views
 from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Appender, ScreenError,
                             default_report, error_row, open_report, patient_table, read_report,
-                            report_paths, write_table)
+                            report_paths, table_csv, write_table)
 from .stats import parse_patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
            "inference_model", "default_workers", "default_report", "report_paths", "read_report", "patient_table",
-           "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
+           "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
@@ -346,6 +346,8 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
         raise ScreenError(f"workers must be >= 0 (0: decode in this process), got {workers}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ScreenError("device cuda: no CUDA GPU is available here; use cpu or auto")
     trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
         else inference.as_trained(run)
     head = trained.config.head

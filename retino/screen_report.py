@@ -180,8 +180,13 @@ def patient_table(photos: pd.DataFrame) -> pd.DataFrame:
     return table[PATIENT_COLUMNS].reset_index(drop=True)
 
 
-def write_table(path: Path, table: pd.DataFrame) -> None:
-    """A table as CSV, written atomically (readers see the old file or the new)."""
+def table_csv(table: pd.DataFrame) -> bytes:
+    """A report table as the CSV bytes written to its file (what the page's download buttons give)."""
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
-    runs.write_atomic(path, buf.getvalue().encode("utf-8"))
+    return buf.getvalue().encode("utf-8")
+
+
+def write_table(path: Path, table: pd.DataFrame) -> None:
+    """A table as CSV, written atomically (readers see the old file or the new)."""
+    runs.write_atomic(path, table_csv(table))
