@@ -45,7 +45,8 @@ if not candidates:
 left, right = st.columns([2, 3])
 run, _ = left.selectbox("Run (best first)", candidates, key="screen.run", format_func=run_label)
 cfg = run.config.get("train", {})
-left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px · best checkpoint")
+left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px · "
+             "best checkpoint")
 folder = right.text_input("Folder of photographs", key="screen.folder", placeholder="/data/screening/2026-01-15",
                           help="Searched recursively for .jpeg, .jpg and .png; hidden files are skipped.")
 out = right.text_input("Report file (.csv)", key="screen.out",
@@ -55,8 +56,9 @@ out = right.text_input("Report file (.csv)", key="screen.out",
 with st.expander("Options"):
     o1, o2, o3, o4 = st.columns(4)
     batch_size = o1.number_input("Batch size", 1, 256, 16, key="screen.batch_size")
-    workers = o2.number_input("Decoding processes", 0, 64, screening.default_workers(), key="screen.workers",
-                              help="0 decodes in the dashboard's own process.")
+    workers = o2.number_input("Decoding processes", 0, 64, None, key="screen.workers", placeholder="auto",
+                              help=f"Empty: {screening.default_workers()} on this machine, none for fewer than "
+                                   f"{screening.POOL_MIN_PHOTOS} photos. 0 decodes in the dashboard's own process.")
     tta = o3.toggle("TTA", key="screen.tta", help="Average over flips and ±10° rotations (4x the work).")
     gate = o4.toggle("Quality gate", True, key="screen.gate",
                      help="Photos that are not a fundus are not graded; ungradable ones are, with the reason.")
@@ -70,7 +72,8 @@ if st.button("Start", type="primary", key="screen.start", icon=":material/play_a
     try:
         st.session_state["screen.result"] = screening.screen(
             run.path, Path(folder.strip()).expanduser(), Path(out.strip()).expanduser() if out.strip() else None,
-            batch_size=int(batch_size), tta=tta, workers=int(workers), quality_gate=gate, on_progress=moved)
+            batch_size=int(batch_size), tta=tta, workers=None if workers is None else int(workers),
+            quality_gate=gate, on_progress=moved)
         bar.progress(1.0, text="Done")
     except (screening.ScreenError, runs.RunError) as e:
         bar.empty()

@@ -252,10 +252,15 @@ def cmd_screen(args) -> int:
     """``python -m retino screen``: exit 0 when the folder was screened (bad files are rows), 130 when stopped."""
     from ._signals import STOP
     from .screen import screen
-    result = screen(_user_path(args.run_dir, "RUN_DIR"), _user_path(args.folder, "FOLDER"),
-                    _user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
-                    workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
-                    progress=not args.quiet, stop=STOP)
+    again = "run the same command again to continue"
+    try:
+        result = screen(_user_path(args.run_dir, "RUN_DIR"), _user_path(args.folder, "FOLDER"),
+                        _user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
+                        workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
+                        progress=not args.quiet, stop=STOP)
+    except KeyboardInterrupt:
+        print(f"interrupted: the photos graded so far are in the report; {again}", file=sys.stderr)
+        return 130
     s = result.summary()
     if args.json:
         _print_json(s)
@@ -266,7 +271,7 @@ def cmd_screen(args) -> int:
               f"{s['threshold']:.4g} ({s['threshold_source']})")
         print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     if not result.complete:
-        print(f"stopped after {result.new} photos; run the same command again to continue", file=sys.stderr)
+        print(f"stopped after {result.new} photos; {again}", file=sys.stderr)
         return 130
     return 0
 
@@ -339,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: FOLDER/screen-<run id>.csv). Photos already in it are skipped")
     p.add_argument("--batch-size", type=int, default=16, help="photos a forward pass (default: 16)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and small rotations, 4x the work)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU cores - 1; 0: none)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: CPU cores - 2, none for under 32 photos; 0: none)")
     p.add_argument("--no-quality-gate", action="store_true", help="grade photos the quality gate calls not a fundus")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

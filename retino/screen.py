@@ -31,11 +31,12 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 
-from . import calibration, inference, metrics, runs
+from . import calibration, inference, metrics, quality, runs
 from .config import TrainConfig
 from .data import ImageError, load_image
 from .data._spawn import spawn_context
@@ -49,8 +50,8 @@ from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Append
 from .stats import parse_patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
-           "inference_model", "default_workers", "default_report", "report_paths", "read_report", "patient_table",
-           "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
+           "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
+           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
@@ -159,6 +160,7 @@ _WORKER: dict = {}
 def _init_worker(config: dict, gate: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the screen and the pool
     torch.set_num_threads(1)  # the parent's forward pass has the cores; a worker decodes one photo at a time
+    cv2.setNumThreads(1)
     _WORKER.update(config=TrainConfig.from_dict(config), gate=gate)
 
 
@@ -177,7 +179,6 @@ def prepare_photo(image: str, path: str, config: TrainConfig, *, gate: bool = Tr
         seen, original, _ = inference.prepare(path, config, image)
         if not gate:
             return {"seen": seen, "quality": None}
-        from . import quality
         photo = original if min(original.size) >= GATE_MIN_SIDE else load_image(path, target=GATE_TARGET)
         q = quality.assess(photo)
         verdict = {"verdict": q.verdict, "reasons": [str(r) for r in q.reasons]}
@@ -218,9 +219,18 @@ def _prepared(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, 
             yield from zip(part, done)
 
 
-def default_workers() -> int:
-    """Decoding processes by default: one core is left to the forward pass (at least one, at most 8)."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+POOL_MIN_PHOTOS = 32  # a spawn worker takes seconds to import torch: fewer photos are decoded here by default
+
+
+def default_workers(n_photos: int | None = None) -> int:
+    """Decoding processes by default: the cores beyond two (at most 8); none for a few photos.
+
+    Two cores are left to the forward pass: on a 2-core machine a decoding process only competes
+    with it, and decoding here was faster (bench/screen.py).
+    """
+    if n_photos is not None and n_photos < POOL_MIN_PHOTOS:
+        return 0
+    return max(0, min(8, (os.cpu_count() or 2) - 2))
 
 
 # ----------------------------------------------------------------------------- grading (this process)
@@ -328,7 +338,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
             Photos already in it are skipped (a resumed screen).
         batch_size: photos a forward pass.
         tta: average over ``predict.tta_views`` (4x the work).
-        workers: decoding processes (0: decode here; default :func:`default_workers`).
+        workers: decoding processes (0: decode here; None: :func:`default_workers` for the folder).
         quality_gate: run ``retino.quality.assess``: ``not_fundus`` photos are not graded,
             ``ungradable`` ones are, with the reasons beside the grade.
         on_progress: called ``(done, total)`` after each batch's rows are written; an exception it
@@ -341,8 +351,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ScreenError(f"batch size must be a whole number >= 1, got {batch_size!r}")
-    workers = default_workers() if workers is None else int(workers)
-    if workers < 0:
+    if workers is not None and int(workers) < 0:
         raise ScreenError(f"workers must be >= 0 (0: decode in this process), got {workers}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -363,6 +372,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
     todo = [p for p in photos if p[0] not in done]
     fresh_problems = [r for r in problems if r["image"] not in done]
     total, finished, complete = len(todo) + len(fresh_problems), 0, True
+    workers = default_workers(len(todo)) if workers is None else int(workers)
     fast = replace(trained, model=inference_model(trained.model))
     chunk = max(1, min(8, batch_size // max(1, 2 * workers)))
     appender = Appender(paths[0])

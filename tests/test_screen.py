@@ -98,7 +98,8 @@ def test_cli_screens_a_folder_with_bad_files(classify_run, photos, tmp_path):
     assert summary["photos"] == len(table) == len(GOOD) + 5
     assert summary["graded"] == len(GOOD) and summary["errors"] == 5
     rows = table.set_index("image")
-    assert set(rows.index) == set(GOOD) | {"corrupt.jpeg", "empty.jpg", "notes.png", "sub/loop/", "\ufffd\ufffd_left.jpeg"}
+    bad_name = "\ufffd\ufffd_left.jpeg"  # the undecodable bytes shown as replacement characters
+    assert set(rows.index) == set(GOOD) | {"corrupt.jpeg", "empty.jpg", "notes.png", "sub/loop/", bad_name}
     graded = rows.loc[list(GOOD)]
     assert graded["grade"].notna().all() and graded["error"].eq("").all()
     np.testing.assert_allclose(graded[[f"p{g}" for g in range(5)]].sum(axis=1), 1.0, atol=1e-4)
@@ -106,7 +107,7 @@ def test_cli_screens_a_folder_with_bad_files(classify_run, photos, tmp_path):
     assert rows.loc["corrupt.jpeg", "error"].startswith("corrupt.jpeg: ")
     assert rows.loc["notes.png", "error"].startswith("notes.png: not an image")
     assert "symlink loop" in rows.loc["sub/loop/", "error"]
-    assert "not valid UTF-8" in rows.loc["\ufffd\ufffd_left.jpeg", "error"]
+    assert "not valid UTF-8" in rows.loc[bad_name, "error"]
     bad = rows.loc[["corrupt.jpeg", "empty.jpg", "notes.png"]]
     assert bad["grade"].isna().all() and bad["p0"].isna().all()
     patients = pd.read_csv(out.with_name("day.patients.csv"), dtype={"patient": str})
@@ -144,6 +145,17 @@ def test_interrupted_screen_resumes_without_duplicates(classify_run, photos, tmp
     again = screen(classify_run, folder, out, batch_size=2, workers=0)  # nothing left to do
     assert again.new == 0 and again.skipped == len(GOOD)
     pd.testing.assert_frame_equal(read_report(out), table)
+
+
+def test_a_stop_request_ends_after_the_batch_with_both_tables_written(classify_run, photos, tmp_path):
+    import threading
+    stop = threading.Event()
+    stop.set()  # as SIGTERM or Ctrl-C in the CLI set it
+    folder = write_photos(tmp_path / "day", photos)
+    result = screen(classify_run, folder, tmp_path / "r.csv", batch_size=2, workers=0, quality_gate=False, stop=stop)
+    assert not result.complete and result.new == 2 and len(read_report(result.report)) == 2
+    assert list(pd.read_csv(result.patients_report, dtype={"patient": str})["patient"]) == ["1"]
+    assert json.loads(result.meta.read_text())["summary"]["complete"] is False
 
 
 def test_bad_folders_and_reports_are_refused_in_one_line(classify_run, photos, tmp_path):
