@@ -58,7 +58,7 @@ def file_kind(mode: int) -> str:
     return next((word for test, word in _KINDS if test(mode)), "not a regular file")
 
 
-def _too_large(name: str, size: str) -> ImageError:
+def _too_large(name: str, size: str = "the file") -> ImageError:
     return ImageError(name, f"{size} is larger than the {MAX_BYTES // 2**20} MB limit")
 
 
@@ -85,7 +85,7 @@ def read_regular_file(path, name: str | None = None) -> bytes:
     except OSError as e:
         raise ImageError(name, f"cannot be read ({e.strerror or type(e).__name__})") from None
     if len(data) > MAX_BYTES:  # it grew since the stat
-        raise _too_large(name, f"more than {MAX_BYTES // 2**20} MB")
+        raise _too_large(name)
     return data
 
 
@@ -139,7 +139,7 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
     else:
         data = read_regular_file(src, name)
     if len(data) > MAX_BYTES:
-        raise _too_large(name, f"more than {MAX_BYTES // 2**20} MB")
+        raise _too_large(name)
     if not data:
         raise ImageError(name, "the file is empty (0 bytes); expected a JPEG or PNG image")
     try:
