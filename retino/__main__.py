@@ -163,6 +163,10 @@ def cmd_train(args) -> int:
         run_dir = _user_path(args.resume, "--resume")
         saved, cfg, changed = _resume_config(run_dir, args)
         rows = runs.read_metrics(run_dir)
+        if (run_dir / "test.json").is_file() and len(rows) >= saved.epochs and cfg.epochs <= saved.epochs:
+            runs.write_status(run_dir, state="completed", error=None)
+            print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
+            return 0
         if not (run_dir / "last.pt").is_file() and (run_dir / "test.json").is_file() and len(rows) >= saved.epochs:
             if cfg.epochs > saved.epochs:
                 raise RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
@@ -335,26 +339,25 @@ def main(argv=None) -> int:
 
 
 def _mark_failed(args, error: Exception) -> None:
-    """A run the dashboard launched that cannot start says why in its status (not "interrupted").
+    """A run the dashboard started that cannot start says why in its status (not "interrupted").
 
-    A refused resume or a busy folder is left as it was: its state is the run's, not this command's.
+    A fresh launch becomes ``failed``; a refused Resume goes back to the state it had, with a note.
+    A busy folder (another trainer holds it) is never touched: its status is that trainer's.
     """
-    if args.verb != "train" or isinstance(error, RunRefused):
+    from . import lifecycle, runs
+    folder = getattr(args, "run_dir", None) or getattr(args, "resume", None) if args.verb == "train" else None
+    if not folder or isinstance(error, lifecycle.RunBusy):
         return
-    folder = getattr(args, "run_dir", None) or getattr(args, "resume", None)
-    if not folder:
-        return
-    from . import runs
     folder = Path(os.path.expanduser(str(folder)))
     try:
         status = runs.read_json(folder / "status.json")
     except (runs.RunError, OSError):
         return
-    if status.get("state") not in runs.ACTIVE:
+    if status.get("state") != "starting":  # only the dashboard writes "starting" before the trainer runs
         return
-    if getattr(args, "resume", None):  # the dashboard's Resume: back to what the run was, with the reason
+    if getattr(args, "resume", None):
         runs.write_status(folder, state=status.get("resume_from") or "stopped", note=f"resume refused: {error}")
-    elif not isinstance(error, runs.RunError):
+    elif not isinstance(error, RunRefused):
         runs.write_status(folder, state="failed", error=str(error))
 
 

@@ -235,7 +235,7 @@ class Cadence:
 
 
 def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: TrainConfig, ctx: Context, norm,
-                    gen: torch.Generator, state: EpochState, thresholds, on_log=None) -> EpochState:
+                    gen: torch.Generator, state: EpochState, thresholds, on_log=None, epoch: int = 0) -> EpochState:
     """Train until the loader ends or a stop is agreed; ``state`` carries over a resumed epoch.
 
     ``on_log(state)`` is called at each log point, after the accumulators were read (the only syncs).
@@ -272,19 +272,19 @@ def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: Trai
         stop, slowest = ctx.agree(stop, (now - t_last) / max(1, state.step - step_last))
         cadence.schedule(state.step, slowest)
         t_last, step_last = now, state.step
-        _check_finite(state, cfg)
+        _check_finite(state, cfg, epoch)
         if on_log:
             on_log(state)
         if stop:
             break
-    _check_finite(state, cfg)
+    _check_finite(state, cfg, epoch)
     return state
 
 
-def _check_finite(state: EpochState, cfg: TrainConfig) -> None:
+def _check_finite(state: EpochState, cfg: TrainConfig, epoch: int) -> None:
     bad = int(state.bad_step)
     if bad >= 0:
-        raise TrainingError(f"loss became NaN or infinite at step {bad} of this epoch (lr {cfg.lr:g}): "
+        raise TrainingError(f"loss became NaN at epoch {epoch} step {bad} (or infinite; lr {cfg.lr:g}): "
                             f"lower --lr")
 
 
@@ -489,7 +489,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
         eta.start_epoch(state.seen * ctx.world)
         state = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
                                 cfg=cfg, ctx=ctx, norm=norm, gen=gen, state=state, thresholds=thresholds,
-                                on_log=on_log)
+                                on_log=on_log, epoch=epoch)
         bar.close()
         if lifecycle.STOP.is_set() and state.step < steps_per_epoch:  # mid-epoch
             return save_partial()
