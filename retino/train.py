@@ -368,6 +368,8 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
     ctx = setup_context(cfg)
     lifecycle.install_stop_handlers()
     beat = None
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     with (lifecycle.run_lock(run_dir) if ctx.main else contextlib.nullcontext()):
         if ctx.main:
             beat = lifecycle.Heartbeat(run_dir, {"state": "starting", "pid": os.getpid(), "epoch": 0, "step": 0,
@@ -505,6 +507,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
                 raise
             return save_partial()  # trained but not evaluated: Resume goes straight to the evaluation
         eta.eval_took(time.time() - t_eval)
+        if ctx.main and not all(np.isfinite(o).all() for o in outputs.values()):
+            raise TrainingError(f"loss became NaN at epoch {epoch} step {state.step}: the model's outputs are no "
+                                f"longer finite (lr {cfg.lr:g}): lower --lr")
         if ctx.main:
             if cfg.head == "regress":  # thresholds optimised for QWK on val predictions, never on test
                 thresholds = metrics.fit_thresholds(outputs["val"].reshape(-1), splits["val"].labels)
