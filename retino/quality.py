@@ -89,9 +89,12 @@ class Limits:
     min_visible: float = 0.75
     """Field area / fitted circle area: real >= 0.87 (EyePACS clips top and bottom), synthetic
     >= 0.99; cut-off synthetic <= 0.60."""
-    min_diameter: int = FOCUS_DIAMETER
-    """Fundus diameter in the photo as given, px: below FOCUS_DIAMETER focus would be measured on
-    an upsampled field, and no grader sees a microaneurysm (~1/100 of the disc) in fewer pixels."""
+    min_diameter: int = 128
+    """Fundus diameter in the photo as given, px: Retino's default working size. A 1024-px EyePACS
+    photo decoded in JPEG draft mode for a 128-px run (load_image(target=128): 1/4 scale) gives a
+    field of 150-165 px, which must pass; focus is then measured after upsampling the field <= 1.25x
+    to FOCUS_DIAMETER (the sharp real photos still score >= 0.18). Below it no grader would see a
+    microaneurysm (~1/100 of the disc)."""
 
 
 LIMITS = Limits()
@@ -304,8 +307,10 @@ def assess(image, *, ood: tuple[float, float] | None = None, limits: Limits = LI
     """The gate's verdict on one decoded photograph (before Retino's preprocessing).
 
     Args:
-        image: RGB uint8 array (H, W, 3) or a PIL image, decoded at >= 256 px on its short side
-            (``load_image(src)``, or with ``target=512``) so the focus measure sees the detail.
+        image: RGB uint8 array (H, W, 3) or a PIL image: the photo as prediction decodes it
+            (``load_image(src, target=image_size)`` with image_size >= 128 keeps a field of
+            >= ``min_diameter`` px). Focus is best judged on a field of >= 300 px, where the sensor's
+            noise is averaged away before the measure.
         ood: ``(score, cutoff)`` from :func:`ood_score` and the run's :func:`fit_ood` calibration;
             a score above the cut-off makes the photo ``not_fundus``.
         limits: the thresholds (default :data:`LIMITS`).
@@ -352,6 +357,22 @@ def penultimate_features(model: torch.nn.Module, x: torch.Tensor, *, with_output
         h = model.layer4(model.layer3(model.layer2(model.layer1(h))))  # (B, d, H/32, W/32)
         feats = torch.flatten(model.avgpool(h), 1).float()           # (B, d)
         return (feats, model.fc(feats)) if with_output else feats
+
+
+def features_of(trained, seen: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """Penultimate features of preprocessed photos (N, S, S, 3) uint8 with a ``Trained`` run: (N, d).
+
+    Normalised with the run's own mean/std, as prediction does; what :func:`fit_ood` is fitted on.
+    """
+    from .data.loaders import normalize, to_float
+    seen = np.asarray(seen)
+    if seen.ndim != 4 or seen.shape[-1] != 3 or seen.dtype != np.uint8:
+        raise ValueError(f"expected preprocessed photos (N, S, S, 3) uint8, got {seen.dtype} {seen.shape}")
+    device = next(trained.model.parameters()).device
+    out = [penultimate_features(trained.model, normalize(to_float(torch.from_numpy(seen[i:i + batch_size]), device),
+                                                         *trained.norm)).cpu().numpy()
+           for i in range(0, len(seen), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, trained.model.fc.in_features), np.float32)
 
 
 def _matrix(features, what: str) -> np.ndarray:
