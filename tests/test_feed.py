@@ -41,7 +41,7 @@ def per_row_batches(ds, labels, batch, *, seed, epoch, rank=0, world=1, balanced
     """Today's path: EpochSampler + DataLoader(batch_size) + default collate, one row at a time."""
     s = EpochSampler(labels, balanced=balanced, shuffle=shuffle, seed=seed, rank=rank, world=world)
     s.set_epoch(epoch)
-    rows = CachedImages(ds.npy_path, ds.indices, ds.labels)  # per row: no __getitems__ use below
+    rows = CachedImages(ds.npy_path, ds.indices, ds.labels)  # indexed one row at a time below
     order = list(s)
     out = []
     for lo in range(0, len(order), batch):
@@ -136,15 +136,22 @@ def test_cpu_loader_hands_over_views_and_workers_give_the_same_batches(cached):
     assert torch.equal(a, b)
 
 
-def test_getitems_keeps_the_asked_order(cached):
+def test_getitems_keeps_the_asked_order_and_the_default_collate_still_works(cached):
     ds, _, labels = cached
     pos = [9, 2, 2, 30, 0]
-    images, y = ds.__getitems__(pos)
+    as_array = CachedImages(ds.npy_path, ds.indices, ds.labels, batch_as="array")
+    images, y = as_array.__getitems__(pos)
     assert torch.equal(images, torch.stack([ds[i][0] for i in pos]))
     assert y.tolist() == [int(labels[i]) for i in pos]
-    shuffled_rows = CachedImages(ds.npy_path, np.arange(len(labels))[::-1].copy(), labels[::-1].copy())
-    images, y = shuffled_rows.__getitems__([0, 1, 5])
-    assert torch.equal(images, torch.stack([shuffled_rows[i][0] for i in (0, 1, 5)]))
+    reversed_rows = CachedImages(ds.npy_path, np.arange(len(labels))[::-1].copy(), labels[::-1].copy(),
+                                 batch_as="array")
+    images, y = reversed_rows.__getitems__([0, 1, 5])
+    assert torch.equal(images, torch.stack([reversed_rows[i][0] for i in (0, 1, 5)]))
+    # a plain CachedImages in a plain DataLoader batches as before (torch calls __getitems__ there too)
+    images, y = next(iter(DataLoader(ds, batch_size=4)))
+    assert torch.equal(images, torch.stack([ds[i][0] for i in range(4)])) and y.tolist() == labels[:4].tolist()
+    with pytest.raises(ValueError, match="Invalid batch_as 'rows'"):
+        CachedImages(ds.npy_path, ds.indices, ds.labels, batch_as="rows")
 
 
 # ----------------------------------------------------------------------------- workers

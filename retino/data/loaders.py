@@ -42,14 +42,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class CachedImages(TorchDataset):
     """Rows of a cache array; the memmap is opened lazily in each worker (never pickled whole).
 
-    ``dataset[i]`` is one row; ``dataset.__getitems__(positions)`` (what a DataLoader calls with a
-    batch sampler) reads a whole batch. ``views=True`` makes a batch a list of row views into the
-    memory map instead of one array (the CPU path: :func:`cpu_input` warps straight out of them).
+    ``dataset[i]`` is one row. ``dataset.__getitems__(positions)``, what a DataLoader calls for a
+    batch, gives what ``batch_as`` says: ``"samples"``, a list of (row, label) as torch's default
+    collate expects; ``"array"``, the batch read at once as ((B, S, S, 3) uint8, (B,) labels) for
+    :func:`batch_collate`; ``"views"``, (a list of B row views into the memory map, labels), for
+    the CPU path, where :func:`cpu_input` warps straight out of them. :func:`make_loader` sets it.
     """
 
-    def __init__(self, npy_path, indices, labels, *, views: bool = False):
+    BATCH_AS = ("samples", "array", "views")
+
+    def __init__(self, npy_path, indices, labels, *, batch_as: str = "samples"):
+        if batch_as not in self.BATCH_AS:
+            raise ValueError(f"Invalid batch_as {batch_as!r}. Choose one of: {', '.join(self.BATCH_AS)}.")
         self.npy_path, self.indices, self.labels = str(npy_path), np.asarray(indices), np.asarray(labels)
-        self.views = views
+        self.batch_as = batch_as
         self._arr = None
 
     def __len__(self):
@@ -66,26 +72,25 @@ class CachedImages(TorchDataset):
         return torch.from_numpy(self._array()[self.indices[i]]), int(self.labels[i])  # (H, W, 3) uint8
 
     def __getitems__(self, positions) -> tuple:
-        """A batch: ((B, H, W, 3) uint8, (B,) int64 labels), rows in the order of ``positions``.
+        """A batch, as ``batch_as`` says; images in the order of ``positions``.
 
-        The rows are read with one fancy index, in increasing order (sequential on disk; an
-        :class:`EpochBatchSampler` batch already is), into shared memory when in a worker process,
-        so handing the batch to the main process copies nothing more.
+        ``"array"``: one fancy index reads them all (an :class:`EpochBatchSampler` batch is sorted,
+        so the memory map is read front to back), into shared memory when in a worker process, so
+        handing the batch to the main process copies nothing more.
         """
+        if self.batch_as == "samples":
+            return [self[i] for i in positions]
         pos = np.asarray(positions, dtype=np.int64)
         rows = self.indices[pos]
         labels = torch.from_numpy(self.labels[pos].astype(np.int64))
         arr = self._array()
-        if self.views:
+        if self.batch_as == "views":
             return [torch.from_numpy(arr[r]) for r in rows], labels
         out = _batch_tensor((len(rows), *arr.shape[1:]))
-        order = np.argsort(rows, kind="stable")
-        if np.all(order == np.arange(len(rows))):
-            # np.take, not torch: single-threaded and steady from a fresh mapping, where torch's
-            # multi-threaded copy ran 1.3-20x slower here (page faults on one mapping from two threads)
-            np.take(arr, rows, axis=0, out=out.numpy(), mode="clip")  # mode="clip": no buffered copy
-        else:
-            out.numpy()[order] = arr[rows[order]]
+        # np.take, not torch: single-threaded and steady from a fresh mapping, where torch's
+        # multi-threaded copy ran 1.3-20x slower here (page faults on one mapping from two threads).
+        # mode="clip" writes straight into ``out`` (the default buffers a copy); the rows are valid.
+        np.take(arr, rows, axis=0, out=out.numpy(), mode="clip")
         return out, labels
 
     def __getstate__(self):
@@ -285,7 +290,8 @@ def make_loader(dataset, *, batch_size: int, train: bool, labels=None, balanced:
     cached = isinstance(dataset, CachedImages)
     in_process = device_type == "cpu" and cached
     if cached:
-        dataset = CachedImages(dataset.npy_path, dataset.indices, dataset.labels, views=in_process)
+        dataset = CachedImages(dataset.npy_path, dataset.indices, dataset.labels,
+                               batch_as="views" if in_process else "array")
     n_workers = 0 if in_process else resolve_workers(workers, purpose="loader", device_type=device_type,
                                                       cached=cached)
     sampler = EpochBatchSampler(labels, batch_size, balanced=train and balanced, shuffle=train, seed=seed,
