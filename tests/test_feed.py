@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import feed_ranks  # tests/feed_ranks.py
 from retino.data import loaders, read_dataset
 from retino.data.cache import CacheError, CacheStopped, build_cache
+from retino.data.feeder import CacheFeeder
 from retino.data.loaders import (CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed,
                                  make_loader, resolve_workers)
 
@@ -117,23 +118,44 @@ def test_last_training_batch_of_one_is_merged_deterministically(cached):
     assert [len(y) for _, y in evaluation] == [batch, 1]  # evaluation keeps every image, in order
 
 
-def test_cpu_loader_hands_over_views_and_workers_give_the_same_batches(cached):
+def test_cpu_views_gpu_feeder_and_worker_processes_give_the_same_batches(cached):
     ds, _, labels = cached
     cpu = make_loader(ds, batch_size=8, train=True, seed=0, device_type="cpu", workers=2)
     assert cpu.num_workers == 0  # the CPU reads the cache in the training process
     cpu.batch_sampler.set_epoch(2)
     views = list(cpu)
     assert isinstance(views[0][0], list) and views[0][0][0].shape == (32, 32, 3)
-    fed = make_loader(ds, batch_size=8, train=True, seed=0, device_type="cuda", workers=2, pin_memory=False)
-    assert fed.num_workers == 2
-    fed.batch_sampler.set_epoch(2)
-    for (rows, y1), (images, y2) in zip(views, fed, strict=True):
-        assert torch.equal(torch.stack(rows), images) and torch.equal(y1, y2)
+    feeder = make_loader(ds, batch_size=8, train=True, seed=0, device_type="cuda", pin_memory=False)
+    assert isinstance(feeder, CacheFeeder)  # workers "auto" on a GPU: a thread reads ahead
+    procs = make_loader(ds, batch_size=8, train=True, seed=0, device_type="cuda", workers=2, pin_memory=False)
+    assert procs.num_workers == 2
+    for loader in (feeder, procs):
+        loader.batch_sampler.set_epoch(2)
+        assert len(loader) == len(views)
+        for (rows, y1), (images, y2) in zip(views, loader, strict=True):
+            assert images.dtype == torch.uint8 and torch.equal(torch.stack(rows), images) and torch.equal(y1, y2)
     # the same batch as CPU input either way
     norm = ((0.4,) * 3, (0.2,) * 3)
     a = loaders.cpu_input(views[0][0], norm, mode="lab", gen=torch.Generator().manual_seed(0))
     b = loaders.cpu_input(torch.stack(views[0][0]), norm, mode="lab", gen=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
+
+
+def test_feeder_thread_ends_with_the_loop_and_passes_errors_on(cached, tmp_path):
+    ds, _, labels = cached
+    feeder = make_loader(ds, batch_size=4, train=True, seed=0, device_type="cuda", pin_memory=False)
+    feeder.batch_sampler.set_epoch(1, start=8)  # resumed after two steps
+    first = list(feeder)
+    assert len(first) == feeder.batch_sampler.steps - 2
+    before = threading.active_count()
+    for i, _ in enumerate(feeder):  # a stop request mid-epoch: the loop breaks
+        if i == 1:
+            break
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "retino-feed"]
+    gone = CachedImages(tmp_path / "missing.npy", ds.indices, ds.labels)
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        list(make_loader(gone, batch_size=4, train=False, device_type="cuda", pin_memory=False))
 
 
 def test_getitems_keeps_the_asked_order_and_the_default_collate_still_works(cached):
@@ -161,7 +183,7 @@ def test_workers_auto_and_upper_bound(monkeypatch, caplog):
     assert resolve_workers("auto", purpose="cache") == 16
     assert resolve_workers("auto", purpose="cache", local_world=4) == 4
     assert resolve_workers("auto", purpose="loader", device_type="cpu") == 0
-    assert resolve_workers("auto", purpose="loader", device_type="cuda") == 2
+    assert resolve_workers("auto", purpose="loader", device_type="cuda") == 0  # a reading thread instead
     assert resolve_workers("auto", purpose="loader", device_type="cuda", cached=False) == 15
     assert resolve_workers(3, purpose="loader", device_type="cuda") == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})

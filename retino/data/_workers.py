@@ -15,11 +15,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# What one loader process feeds, reading batches from a warm cache (bench/feed.py, BENCHMARKS.md):
-# ~5,000 images/s at 512 px on this project's 2-core CPU, and it scales as the pixels do. The fastest
-# model it feeds, ResNet-18 with AMP on an H100/H200, trains ~2,000-3,000 images/s at 512 px, also
-# scaling with the pixels: so 2 workers keep 3x ahead of it at any size, and more only cost memory.
-LOADER_WORKERS_CACHED = 2
+# Feeding a GPU from the cache: worker processes fed ~1,700 images/s at 512 px on an H200 box
+# whatever their number (bench/feed.py: each batch crosses processes through fresh shared memory
+# and is pinned again), while one process read 6,400-11,900 (BENCHMARKS.md). So "auto" is none:
+# a thread of the training process reads ahead into pinned memory (retino/data/feeder.py).
+LOADER_WORKERS_CACHED = 0
 
 
 def resolve_workers(requested: int | str | None, *, purpose: str, device_type: str = "cpu", cached: bool = True,
@@ -27,13 +27,13 @@ def resolve_workers(requested: int | str | None, *, purpose: str, device_type: s
     """Worker processes for building the cache (``purpose="cache"``) or for a loader (``"loader"``).
 
     ``"auto"``: the cache build gets every usable core (its share of them when ``local_world`` ranks
-    build on one machine). A loader reading the cache gets a rule derived from bench/feed.py's
-    figures rather than a measurement at start-up (which would cost seconds and vary with the
-    machine's load): none on a CPU device (read in the training process), 2 feeding a GPU
-    (:data:`LOADER_WORKERS_CACHED`); decoding per image (no cache) needs many: every core but the
-    training process's on a GPU, half of them on a CPU device (the model needs the rest).
-    An explicit number above twice the usable cores is lowered to that, with one warning line
-    (32 workers took 3 GB on 2 cores and fed nothing faster; issue 15).
+    build on one machine). A loader reading the cache gets none: on a CPU device it is read in the
+    training process, and feeding a GPU a thread of that process reads ahead into pinned memory
+    (:data:`LOADER_WORKERS_CACHED`, a rule from bench/feed.py's figures rather than a measurement
+    at start-up, which would cost seconds and vary with the machine's load). Decoding per image
+    (no cache) needs many: every core but the training process's on a GPU, half of them on a CPU
+    device (the model needs the rest). An explicit number above twice the usable cores is lowered
+    to that, with one warning line (32 workers took 3 GB on 2 cores and fed nothing faster; issue 15).
 
     Raises:
         ValueError: not a whole number >= 0 or "auto".
@@ -47,7 +47,7 @@ def resolve_workers(requested: int | str | None, *, purpose: str, device_type: s
             return mine
         if device_type == "cpu":
             return 0 if cached else max(1, mine // 2)
-        return min(LOADER_WORKERS_CACHED, max(1, mine - 1)) if cached else max(1, mine - 1)
+        return LOADER_WORKERS_CACHED if cached else max(1, mine - 1)
     try:
         n = int(str(requested).strip()) if not isinstance(requested, bool) else None
     except ValueError:

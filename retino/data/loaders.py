@@ -29,6 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from ._workers import resolve_workers, usable_cores  # noqa: F401  (part of this module's API)
+from .feeder import CacheFeeder, pinned_empty
 from .preprocess import ImageError, load_and_preprocess
 
 log = logging.getLogger("retino.data")
@@ -92,6 +93,17 @@ class CachedImages(TorchDataset):
         # mode="clip" writes straight into ``out`` (the default buffers a copy); the rows are valid.
         np.take(arr, rows, axis=0, out=out.numpy(), mode="clip")
         return out, labels
+
+    def read_batch(self, positions, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, S, S, 3) uint8, (B,) int64) for ``positions``, read in this process by one
+        ``index_select`` (multi-threaded, GIL released) into pinned memory when ``pin``: the
+        :class:`~retino.data.feeder.CacheFeeder`'s read.
+        """
+        pos = np.asarray(positions, dtype=np.int64)
+        src = torch.from_numpy(self._array())  # (N, S, S, 3), the memory map (copy-on-write: writable)
+        out = pinned_empty((len(pos), *src.shape[1:]), pin)
+        torch.index_select(src, 0, torch.from_numpy(self.indices[pos].astype(np.int64)), out=out)
+        return out, torch.from_numpy(self.labels[pos].astype(np.int64))
 
     def __getstate__(self):
         return {**self.__dict__, "_arr": None}
@@ -268,8 +280,8 @@ class EpochBatchSampler(Sampler):
 
 def make_loader(dataset, *, batch_size: int, train: bool, labels=None, balanced: bool = False, seed: int = 0,
                 rank: int = 0, world: int = 1, device_type: str = "cpu", workers: int | str = "auto",
-                drop_single: bool = True, pin_memory: bool | None = None) -> DataLoader:
-    """The DataLoader of a split: whole batches from an :class:`EpochBatchSampler`, this rank's share.
+                drop_single: bool = True, pin_memory: bool | None = None):
+    """The loader of a split: whole batches from an :class:`EpochBatchSampler`, this rank's share.
 
     Args:
         dataset: :class:`CachedImages` (read a batch at a time) or :class:`DecodedImages`.
@@ -280,26 +292,32 @@ def make_loader(dataset, *, batch_size: int, train: bool, labels=None, balanced:
         device_type: ``"cuda"`` pins the batches' memory (copy them with ``non_blocking=True``). On
             ``"cpu"`` the cache is read in this process, as row views (a row is a memory-mapped read,
             cheaper than handing it between processes, and workers would take cores from the model).
-        workers: a number or ``"auto"``, see :func:`resolve_workers`.
+        workers: a number or ``"auto"``, see :func:`resolve_workers`. Feeding a GPU from the cache,
+            0 (what "auto" gives) means a :class:`~retino.data.feeder.CacheFeeder`: a thread of this
+            process reads batches ahead straight into pinned memory; a number > 0, DataLoader worker
+            processes (slower there: retino/data/feeder.py).
 
-    The batch sampler is ``loader.batch_sampler``: ``set_epoch(epoch, start=step * batch_size)``
-    before each epoch, ``steps`` batches in a full one. Batches are (images, labels): images (B, S, S, 3)
-    uint8 (on a CPU from the cache: a list of B row views, see :func:`cpu_input`), labels (B,) int64.
+    The result iterates like a DataLoader over (images, labels): images (B, S, S, 3) uint8 (on a CPU
+    from the cache: a list of B row views, see :func:`cpu_input`), labels (B,) int64. Its
+    ``batch_sampler``: ``set_epoch(epoch, start=step * batch_size)`` before each epoch, ``steps``
+    batches in a full one.
     """
     labels = dataset.labels if labels is None else labels
     cached = isinstance(dataset, CachedImages)
     in_process = device_type == "cpu" and cached
+    n_workers = 0 if in_process else resolve_workers(workers, purpose="loader", device_type=device_type,
+                                                      cached=cached)
+    pin = device_type == "cuda" if pin_memory is None else pin_memory
+    sampler = EpochBatchSampler(labels, batch_size, balanced=train and balanced, shuffle=train, seed=seed,
+                                rank=rank, world=world, pad=train, merge_single=train and drop_single)
+    if cached and not in_process and n_workers == 0:
+        return CacheFeeder(dataset, sampler, pin=pin)
     if cached:
         dataset = CachedImages(dataset.npy_path, dataset.indices, dataset.labels,
                                batch_as="views" if in_process else "array")
-    n_workers = 0 if in_process else resolve_workers(workers, purpose="loader", device_type=device_type,
-                                                      cached=cached)
-    sampler = EpochBatchSampler(labels, batch_size, balanced=train and balanced, shuffle=train, seed=seed,
-                                rank=rank, world=world, pad=train, merge_single=train and drop_single)
     collate = batch_collate if cached else decoded_collate if isinstance(dataset, DecodedImages) else None
     return DataLoader(dataset, batch_sampler=sampler, num_workers=n_workers, collate_fn=collate,
-                      pin_memory=device_type == "cuda" if pin_memory is None else pin_memory,
-                      persistent_workers=n_workers > 0, prefetch_factor=4 if n_workers > 0 else None)
+                      pin_memory=pin, persistent_workers=n_workers > 0, prefetch_factor=4 if n_workers > 0 else None)
 
 
 def to_float(batch: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
