@@ -15,10 +15,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# Feeding a GPU from the cache: worker processes fed ~1,700 images/s at 512 px on an H200 box
-# whatever their number (bench/feed.py: each batch crosses processes through fresh shared memory
-# and is pinned again), while one process read 6,400-11,900 (BENCHMARKS.md). So "auto" is none:
-# a thread of the training process reads ahead into pinned memory (retino/data/feeder.py).
+# Feeding a GPU from the cache: worker processes fed 1,700-2,400 images/s at 512 px on an H200 box,
+# rows or batches, 2 or 4 of them (bench/feed.py: each batch crosses processes through fresh shared
+# memory and is pinned again), where one process read 16,000-19,000 (BENCHMARKS.md, "Feed"). So
+# "auto" is none: a thread of the training process reads ahead into pinned memory (data/feeder.py).
 LOADER_WORKERS_CACHED = 0
 
 

@@ -1,12 +1,12 @@
 """Feeding a GPU from the cache without worker processes: a thread reads whole batches ahead.
 
-On an H200 box (16 cores, bench/feed.py, BENCHMARKS.md) DataLoader worker processes fed ~1,700
-images/s at 512 px whether they read rows or batches: each batch (25 MB) crosses to the training
-process through freshly allocated shared memory and is then copied again into pinned memory, and
-ResNet-18 trained at 0.69 of the model's own speed for want of images. Read in the training
-process instead, a batch is one multi-threaded ``index_select`` from the memory-mapped cache
-straight into pinned memory (torch releases the GIL while it copies), done by one background
-thread a few batches ahead while the main thread launches the GPU's work.
+On an H200 box (16 cores; bench/feed.py, BENCHMARKS.md "Feed") DataLoader worker processes fed
+1,700-2,400 images/s at 512 px whether they read rows or batches: each batch (25 MB) crosses to
+the training process through freshly allocated shared memory and is then copied again into pinned
+memory, and ResNet-18 trained at 0.69 of the model's own speed for want of images. Read in the
+training process instead, a batch is one multi-threaded ``index_select`` from the memory-mapped
+cache straight into pinned memory (torch releases the GIL while it copies): ~16,000 images/s
+there, done by one background thread a few batches ahead while the main thread launches the GPU's work.
 """
 from __future__ import annotations
 
