@@ -15,3 +15,23 @@ def build_twice(paths, root, rank, world, barrier, out):
                             barrier=barrier.wait)
         st = os.stat(cache.path)  # a rebuild would put a new file (inode) in place
         out.put((attempt, rank, str(cache.path), cache.ok.tolist(), os.getpid(), (st.st_ino, st.st_mtime_ns)))
+
+
+def torchrun_rank(rank, world, local_world, port, roots, paths, out):
+    """One rank of a torchrun-like launch on "nodes" of ``local_world`` ranks, each node with its own
+    cache folder (``roots[node]``), over torch.distributed (gloo)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_world),
+                      LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from retino.data.cache import local_group, node_barrier
+    dist.init_process_group("gloo")
+    try:
+        barrier = node_barrier()
+        local_rank, local_size = local_group()
+        cache = build_cache(paths, 40, workers=0, progress=False, root=roots[rank // local_world],
+                            rank=local_rank, world=local_size, barrier=barrier)
+        dist.barrier()  # as training would, once every node has its cache
+        out.put((rank, str(cache.path), os.getpid()))
+    finally:
+        dist.destroy_process_group()

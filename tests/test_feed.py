@@ -234,6 +234,31 @@ def test_cache_built_once_by_two_ranks_equals_one_process(tiny_data, tmp_path):
     assert [(r[2], r[5]) for r in results[2:]] == [(path0, file0)] * 2  # asked again: found, not rebuilt
 
 
+def test_cache_under_torchrun_two_nodes_each_build_their_own_by_local_shards(tiny_data, tmp_path):
+    """Two "nodes" of two ranks (gloo), each node with its own cache folder: LOCAL_RANK and
+    LOCAL_WORLD_SIZE differ from RANK and WORLD_SIZE; each node's two ranks build one share each."""
+    paths = read_dataset(tiny_data).splits["test"]["path"].tolist()
+    roots = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=feed_ranks.torchrun_rank, args=(r, 4, 2, port, roots, paths, out)) for r in range(4)]
+    for p in procs:
+        p.start()
+    got = sorted(out.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    pids = {rank: pid for rank, _, pid in got}
+    single = build_cache(paths, 40, workers=0, progress=False, root=tmp_path / "single")
+    for node, root in enumerate(roots):
+        (r0, path0, _), (r1, path1, _) = got[2 * node:2 * node + 2]
+        assert path0 == path1 and Path(path0).parent == Path(root)
+        meta = json.loads(Path(path0).with_suffix(".json").read_text())
+        assert {s["pid"] for s in meta["shards"]} == {pids[r0], pids[r1]}  # this node's two ranks, one share each
+        assert np.array_equal(np.load(path0), single.array())
+
+
 def test_cache_build_stops_when_asked(tiny_data, tmp_path):
     paths = read_dataset(tiny_data).splits["train"]["path"].tolist()
     stop = threading.Event()
