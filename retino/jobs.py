@@ -15,8 +15,7 @@ from pathlib import Path
 
 from . import runs
 from .config import TrainConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .fileio import REPO_ROOT
 
 
 def config_to_args(cfg: TrainConfig) -> list[str]:

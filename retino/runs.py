@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import write_atomic, write_json  # noqa: F401  (runs.write_json stays the run folder's writer)
+
 DEFAULT_ROOT = Path("checkpoints")
 STATES = ("queued", "running", "completed", "failed", "stopped", "interrupted")
 ACTIVE = ("queued", "running")
@@ -32,41 +34,6 @@ class RunError(ValueError):
 
 def runs_root() -> Path:
     return Path(os.environ.get("RETINO_RUNS", DEFAULT_ROOT))
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to ``path.tmp-<pid>`` then rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves the previous file in place
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:

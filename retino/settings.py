@@ -10,12 +10,12 @@ import json
 import os
 from pathlib import Path
 
+from .config import TrainConfig
 from .data import Dataset, read_dataset
 from .data.formats import IMAGE_EXTS
-from .runs import write_json
+from .fileio import REPO_ROOT, resolve_data_path, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = "data/synthetic"  # the embedded synthetic set that `make run` generates
+DEFAULT_DATA = TrainConfig().data  # the embedded synthetic set that `make run` generates, as training's default
 
 
 def settings_path() -> Path:
@@ -29,12 +29,6 @@ def read_settings() -> dict:
     except (OSError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
-
-
-def resolve_data_path(path: str) -> Path:
-    """A data-set path as typed, made absolute: relative paths are relative to the repository root."""
-    p = Path(str(path).strip()).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def data_path() -> Path:
