@@ -14,8 +14,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")  # ICDR 0-4 (ANCHORS.md)
-GRADE_LABELS = tuple(f"{g} {n}" for g, n in enumerate(GRADE_NAMES))
+from .grades import GRADES, grade_label
+
+GRADE_LABELS = tuple(grade_label(g) for g in GRADES)
 PALETTE = qualitative.Plotly + qualitative.D3[1::2] + qualitative.Dark24  # distinct first, then more
 SPLIT_COLOURS = {"train": "#4C78A8", "test": "#F58518"}
 _MARGIN = dict(l=10, r=10, t=40, b=10)

@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-ARCHS = ("resnet18", "resnet50")  # kept in step with retino.models.list_models() by a test
+# The choices of every field, defined here only (models.py and metrics.py import them; config.py
+# imports nothing heavy, so the CLI parses flags before torch loads).
+ARCHS = ("resnet18", "resnet50")  # the builders in retino.models, which checks it on import
 HEADS = ("classify", "regress")
 LOSSES = ("ce", "mse", "smoothl1")
 CLASS_WEIGHTS = ("none", "lab", "inverse")
