@@ -117,11 +117,19 @@ def fundus_bbox(rgb: np.ndarray, threshold: int = 12) -> tuple[int, int, int, in
 
 def crop_to_square(rgb: np.ndarray) -> np.ndarray:
     """Crop to the fundus and pad with black to a square centred on it."""
-    top, bottom, left, right = fundus_bbox(rgb)
-    crop = rgb[top:bottom, left:right]
+    return pad_to_square(rgb, fundus_bbox(rgb))
+
+
+def pad_to_square(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``array[top:bottom, left:right]`` padded with zeros to a square centred on it (any channels).
+
+    The one crop-and-pad: an image, or a lesion mask or heat map carried through the image's box.
+    """
+    top, bottom, left, right = box
+    crop = array[top:bottom, left:right]
     h, w = crop.shape[:2]
     side = max(h, w)
-    out = np.zeros((side, side, 3), dtype=np.uint8)
+    out = np.zeros((side, side, *array.shape[2:]), dtype=array.dtype)
     y0, x0 = (side - h) // 2, (side - w) // 2
     out[y0:y0 + h, x0:x0 + w] = crop
     return out
