@@ -1,59 +1,36 @@
-"""A trained run's model, loaded from its own checkpoint and config, and its metrics on a data set."""
+"""Evaluate a trained run: every test metric of one of its checkpoints, on its test split or another set."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import dataclasses
 
 import numpy as np
-import torch
 
-from . import metrics, runs
-from .config import TrainConfig
-from .models import build_model
-
-
-@dataclass
-class Trained:
-    """A model ready for inference, with what it was trained with (never today's widget values)."""
-
-    model: torch.nn.Module
-    config: TrainConfig
-    norm: tuple  # (mean, std)
-    thresholds: list
-    epoch: int
-    run_dir: Path
-
-
-def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> Trained:
-    """Build the run's architecture and load its checkpoint (weights_only: no pickled code runs)."""
-    run_dir = Path(run_dir)
-    ckpt = runs.load_checkpoint(run_dir / checkpoint)
-    try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
-        model = build_model(cfg.arch, pretrained=False, head=cfg.head)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load ({e})") from None
-    model.to(device).eval()
-    norm = (tuple(ckpt["norm"]["mean"]), tuple(ckpt["norm"]["std"]))
-    return Trained(model, cfg, norm, list(ckpt.get("thresholds", [0.5, 1.5, 2.5, 3.5])), int(ckpt["epoch"]), run_dir)
+from . import metrics
+from .inference import Trained, load_trained  # noqa: F401  (Trained, load_trained: moved to retino.inference)
 
 
 def evaluate_run(run_dir, *, data: str | None = None, checkpoint: str = "best.pt") -> dict:
-    """Every test metric of a run's checkpoint on its test split (or another data set's)."""
+    """Every test metric of a run's checkpoint on its test split (or another data set's).
+
+    Returns the metrics of :func:`retino.metrics.classification_metrics` with the ``test_`` prefix,
+    the test loss, and ``run``, ``checkpoint``, ``epoch``, ``data``, ``skipped`` (images left out
+    as unreadable) and ``majority_baseline``.
+    """
+    from . import train
     from .data import read_dataset
-    from .train import Context, evaluate, load_split, make_criterion, make_loader, pick_device
+    from .fileio import resolve_data_path
+    # the trainer's validation pass; renamed from train.evaluate to train.validate (issue 13)
+    validate = getattr(train, "validate", None) or getattr(train, "evaluate")
     trained = load_trained(run_dir, checkpoint)
-    cfg = trained.config
-    cfg.data = data or cfg.data
-    cfg.workers = min(cfg.workers, 2)
+    cfg = dataclasses.replace(trained.config, data=str(resolve_data_path(data or trained.config.data)),
+                              workers=min(trained.config.workers, 2))
     ds = read_dataset(cfg.data)
-    split = load_split(ds.splits["test"], cfg, progress=False, desc="cache test")
-    ctx = Context(pick_device("auto"))
+    split = train.load_split(ds.splits["test"], cfg, progress=False, desc="cache test")
+    ctx = train.Context(train.pick_device("auto"))
     trained.model.to(ctx.device)
-    loader = make_loader(split, cfg, ctx, train=False)
-    criterion = make_criterion(cfg, np.asarray(ds.splits["train"]["grade"]), ctx.device)
-    out = evaluate(trained.model, loader, cfg, ctx.device, criterion, trained.norm, trained.thresholds)
+    loader = train.make_loader(split, cfg, ctx, train=False)
+    criterion = train.make_criterion(cfg, np.asarray(ds.splits["train"]["grade"]), ctx.device)
+    out = validate(trained.model, loader, cfg, ctx.device, criterion, trained.norm, trained.thresholds)
     base = metrics.majority_baseline(split.labels)
     return {"run": str(run_dir), "checkpoint": checkpoint, "epoch": trained.epoch, "data": cfg.data,
             "skipped": len(split.skipped), **out, "majority_baseline": base}
