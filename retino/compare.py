@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from . import metrics
+
 BEST_BY = "test_qwk"
 # column of the best-epoch table -> key of a metrics.jsonl row
 TABLE_METRICS = {
@@ -73,11 +75,14 @@ def confusion_at(rows: Sequence[Mapping], which: str = "best", *, normalize: boo
 
 
 def majority_acc(confusion) -> float:
-    """Accuracy of always predicting the most common true grade: max row sum / total (NaN if empty)."""
+    """Accuracy of always predicting the most common true grade (:func:`retino.metrics.majority_baseline`
+    of the true grades the confusion matrix's rows count); NaN without a matrix or images."""
     if confusion is None:
         return math.nan
-    totals = np.asarray(confusion, dtype=float).sum(axis=1)
-    return float(totals.max() / totals.sum()) if totals.size and totals.sum() > 0 else math.nan
+    totals = np.asarray(confusion, dtype=np.int64).sum(axis=1)  # images per true grade
+    if not totals.size or totals.sum() == 0:
+        return math.nan
+    return metrics.majority_baseline(np.repeat(np.arange(totals.size), totals))["acc"]
 
 
 def run_labels(names: Sequence[str], ids: Sequence[str], configs: Sequence[Mapping]) -> list[str]:

@@ -37,6 +37,11 @@ def data_path() -> Path:
     return resolve_data_path(value if isinstance(value, str) and value.strip() else DEFAULT_DATA)
 
 
+def is_default_data(path) -> bool:
+    """Whether ``path`` is the default data set (the synthetic one ``make data`` generates)."""
+    return Path(path) == resolve_data_path(DEFAULT_DATA)
+
+
 def use_dataset(path: str) -> Dataset:
     """Read the folder at ``path`` and, only if it reads, save it as the data set in use.
 

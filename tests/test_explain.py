@@ -379,13 +379,15 @@ def test_page_grades_samples(run_dir, regress_run, synth_dir, monkeypatch):
     at = AppTest.from_file(str(REPO / "pages" / "predict.py"), default_timeout=120).run()
     assert not at.exception, at.exception
     assert any("Upload" in i.value for i in at.info)
-    picked = [str(p) for p in read_dataset(synth_dir).splits["test"]["path"][:2]]
+    test = read_dataset(synth_dir).splits["test"]
+    picked = [str(p) for p in test["path"][:2]]
     at.multiselect(key="predict.samples").set_value(picked).run()
     for label in ("regress", "classify"):
         runs = at.selectbox(key="predict.run")
         runs.select_index([i for i, o in enumerate(runs.options) if label in o][0]).run()
         assert not at.exception, at.exception
         assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
+        assert at.dataframe[0].value["true_grade"].tolist() == test["grade"][:2].tolist()  # labelled samples
         assert at.subheader and at.subheader[0].value.startswith("Grade ")
         assert len(at.get("plotly_chart")) == 1 and len(at.get("download_button")) == 1
     at.selectbox(key="predict.method").set_value("layercam").run()
@@ -395,6 +397,7 @@ def test_page_grades_samples(run_dir, regress_run, synth_dir, monkeypatch):
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
     assert captions == ["The photograph", f"What the model saw ({SIZE} px)",
                         "layercam: evidence for grade 4 over grade 0"]
+    assert any(c.value.startswith(f"The map has 2 x 2 cells") and "64 px / 32" in c.value for c in at.caption)
 
 
 def test_page_uploads_and_a_rejected_one(run_dir, fundus, monkeypatch):
@@ -410,6 +413,7 @@ def test_page_uploads_and_a_rejected_one(run_dir, fundus, monkeypatch):
     assert [e.value for e in at.error] == ["notes.jpg: not an image Retino can read; expected a JPEG or PNG"]
     table = at.dataframe[0].value
     assert list(table["image"]) == ["eye.png", "notes.jpg"] and table["grade"].notna().tolist() == [True, False]
+    assert "true_grade" not in table  # uploads carry no label
     at.selectbox(key="predict.method").set_value("eigencam").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="predict.target").disabled
