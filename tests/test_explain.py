@@ -328,6 +328,20 @@ def test_map_goes_back_over_the_photo():
     assert photo[40, 100, 0] > photo[40, 100, 2]  # JET red on the spot
 
 
+def test_cli_evaluate_text_is_rounded_with_per_grade_recall(run_dir):
+    import re
+    r = run_cli("evaluate", run_dir)
+    assert r.returncode == 0, r.stderr
+    assert not re.search(r"\d\.\d{5,}", r.stdout)  # rounded: no 0.7333333333333333
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{run_dir}: best.pt (epoch 1) on {read_dataset(json.loads((run_dir / 'config.json').read_text())['train']['data']).root}"
+    start = lines.index("per grade:            recall  precision      n")
+    per_grade = lines[start + 1:start + 6]
+    assert [row.split()[:2] for row in per_grade] == [["0", "No"], ["1", "Mild"], ["2", "Moderate"], ["3", "Severe"],
+                                                      ["4", "Proliferative"]]
+    assert all(0 <= float(row.split()[-3]) <= 1 for row in per_grade)
+
+
 def test_cli_predict_regress_json(regress_run, synth_dir):
     image = sorted((synth_dir / "images").glob("*.jpeg"))[0]
     result = run_cli("predict", regress_run, image, "--json")
