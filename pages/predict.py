@@ -6,6 +6,7 @@ predictions and maps are cached per photo, so moving the opacity slider only re-
 """
 import hashlib
 import io
+import math
 from pathlib import Path
 
 import streamlit as st
@@ -23,7 +24,7 @@ FINE_MAP_CELLS = 8  # below this many cells a side, the page says why the map is
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def load_model(run_dir: str, stamp: tuple):
-    """The run's best checkpoint, shared across sessions; a rewritten best.pt has a new stamp."""
+    """The run's best checkpoint, shared across sessions; a rewritten checkpoint has a new stamp."""
     return load_trained(run_dir)
 
 
@@ -63,10 +64,12 @@ def pick_run():
     labels = dict(zip((r.id for r in candidates), compare.run_labels(
         [r.name for r in candidates], [r.id for r in candidates], [r.config.get("train", {}) for r in candidates])))
     best = dashboard.best_completed(candidates, rows)
+    qwk = {r.id: dashboard.best_qwk(rows[r.path]) for r in candidates}
     left, right = st.columns([2, 3])
     run = left.selectbox(
         "Run", candidates, key="predict.run", index=candidates.index(best) if best else 0,
-        format_func=lambda r: f"{labels[r.id]} · {r.state} · QWK {dashboard.best_qwk(rows[r.path]):.3f} · {r.id}",
+        format_func=lambda r: f"{labels[r.id]} · {r.state} · QWK "
+                              f"{'–' if math.isnan(qwk[r.id]) else f'{qwk[r.id]:.3f}'} · {r.id}",
         help="The best completed run (highest validation QWK, else test QWK) is chosen first.")
     cfg = run.config.get("train", {})
     left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px"
