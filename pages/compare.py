@@ -71,7 +71,7 @@ def pick_runs(records: list[dict]) -> list[dict]:
 
 
 def best_epochs(chosen: list[dict]) -> None:
-    st.subheader("At each run's best epoch (highest test QWK)")
+    st.subheader("At each run's best epoch (highest validation QWK; test QWK for runs without validation)")
     best = compare.best_epoch_table(chosen)
     st.dataframe(best, hide_index=True, column_config={
         "best_epoch": st.column_config.NumberColumn("best epoch"), **number_columns(best.columns)})

@@ -65,10 +65,11 @@ def pick_run():
         [r.name for r in candidates], [r.id for r in candidates], [r.config.get("train", {}) for r in candidates])))
     best = dashboard.best_completed(candidates, rows)
     qwk = {r.id: dashboard.best_qwk(rows[r.path]) for r in candidates}
+    qwk_name = {r.id: dashboard.qwk_key(rows[r.path]).replace("_qwk", " QWK") for r in candidates}
     left, right = st.columns([2, 3])
     run = left.selectbox(
         "Run", candidates, key="predict.run", index=candidates.index(best) if best else 0,
-        format_func=lambda r: f"{labels[r.id]} · {r.state} · QWK "
+        format_func=lambda r: f"{labels[r.id]} · {r.state} · {qwk_name[r.id]} "
                               f"{'–' if math.isnan(qwk[r.id]) else f'{qwk[r.id]:.3f}'} · {r.id}",
         help="The best completed run (highest validation QWK, else test QWK) is chosen first.")
     cfg = run.config.get("train", {})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,65 +77,210 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args) -> int:
+class RunRefused(UserError):
+    """A run folder the command will not touch (busy, not ours, contradicting flags): left as it was."""
+
+
+# fields a resume may change: how and where it runs, not what is trained
+RESUME_MAY_CHANGE = ("epochs", "device", "workers", "eval_batch_size", "log_every", "keep_last", "compile", "name",
+                     "amp")
+
+
+def _user_path(text: str, what: str) -> Path:
+    """``~`` expanded without raising (``~nosuchuser/x`` stays as typed); NUL refused."""
+    if "\x00" in str(text):
+        raise UserError(f"{what}: a path cannot contain a NUL byte")
+    return Path(os.path.expanduser(str(text)))
+
+
+def _given(args) -> dict:
+    from dataclasses import fields
+    from .config import TrainConfig
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def _resume_config(run_dir: Path, args):
+    """The saved config with the flags a resume may change; refuses contradictions before touching anything."""
+    from dataclasses import replace
     from . import runs
-    from .config import TrainConfig, config_from_args
-    from .models import WeightsUnavailable
-    from .train import fit
-    if args.resume:
-        run_dir = Path(args.resume)
-        try:
-            saved = runs.read_json(run_dir / "config.json")["train"]
-        except (runs.RunError, KeyError) as e:
-            raise UserError(f"cannot resume {run_dir}: {e}")
-        cfg = config_from_args(args, TrainConfig.from_dict(saved))
-        if not (run_dir / "last.pt").is_file():  # killed before its first epoch ended: start it over
-            args.resume = None
-    else:
-        cfg = config_from_args(args)
-        run_dir = Path(args.run_dir) if args.run_dir else None
-    if not Path(cfg.data).is_dir():  # checked before any process, folder or cache is made
-        from .data import read_dataset
-        read_dataset(cfg.data)
-    if run_dir is None:
-        import os
+    from .config import TrainConfig
+    if not run_dir.is_dir():
+        raise RunRefused(f"cannot resume {run_dir}: no such run folder")
+    try:
+        saved = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["train"])
+    except (runs.RunError, KeyError, TypeError) as e:
+        raise RunRefused(f"cannot resume {run_dir}: {e}")
+    given = _given(args)
+    clash = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != getattr(saved, k)}
+    if clash:
+        k, v = next(iter(clash.items()))
+        raise RunRefused(f"cannot resume {run_dir}: --{k.replace('_', '-')} {v} contradicts the run's "
+                         f"{getattr(saved, k)!r}; a resume continues the same model (start a new run instead)")
+    last = run_dir / "last.pt"
+    if last.is_file():
+        ckpt_cfg = runs.load_checkpoint(last).get("config") or {}
+        drift = [k for k, v in ckpt_cfg.items() if k not in RESUME_MAY_CHANGE and getattr(saved, k, v) != v]
+        if drift:
+            k = drift[0]
+            raise RunRefused(f"cannot resume {run_dir}: config.json says {k}={getattr(saved, k)!r} but last.pt was "
+                             f"trained with {k}={ckpt_cfg[k]!r}; restore config.json")
+    cfg = replace(saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}).validate()
+    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE and v != getattr(saved, k)}
+    return saved, cfg, changed
+
+
+def _fresh_run_dir(args, cfg) -> Path:
+    """--run-dir as given (refused when it holds anything but this run's launch) or a new dated folder."""
+    from . import runs
+    if not args.run_dir:
         if int(os.environ.get("RANK", "0")) != 0:
             raise UserError("under torchrun, pass --run-dir so every process writes to the same run")
-        run_dir = runs.create_run_dir(None, cfg.display_name())
+        return runs.create_run_dir(None, cfg.display_name())
+    run_dir = _user_path(args.run_dir, "--run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: is a file, expected a folder for the run")
+    if int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() and not _launched_here(run_dir):
+        try:
+            entries = sorted(p.name for p in run_dir.iterdir())
+        except OSError as e:
+            raise UserError(f"--run-dir {run_dir}: cannot be read ({e.strerror})")
+        if entries:
+            hint = (f"; to continue that run: python -m retino train --resume {run_dir}"
+                    if "config.json" in entries else "")
+            raise RunRefused(f"--run-dir {run_dir}: is not empty (holds {', '.join(entries[:3])}"
+                             f"{', ...' if len(entries) > 3 else ''}); give a new folder{hint}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--run-dir {run_dir}: cannot write there ({e.strerror or e})")
+    return run_dir
+
+
+def _launched_here(run_dir: Path) -> bool:
+    """The dashboard's launch: a provisional config.json and status, nothing trained yet."""
+    from . import runs
+    try:
+        config = runs.read_json(run_dir / "config.json")
+    except runs.RunError:
+        return False
+    trained = any((run_dir / n).exists() for n in ("metrics.jsonl", "last.pt", "best.pt"))
+    return bool(config.get("provisional")) and not trained
+
+
+def cmd_train(args) -> int:
+    import torch
+    from . import runs
+    from .config import config_from_args
+    from .data import read_dataset
+    from .models import WeightsUnavailable
+    from .train import TrainingError, fit
+    if args.resume:
+        run_dir = _user_path(args.resume, "--resume")
+        saved, cfg, changed = _resume_config(run_dir, args)
+        rows = runs.read_metrics(run_dir)
+        if (run_dir / "test.json").is_file() and len(rows) >= saved.epochs and cfg.epochs <= saved.epochs:
+            runs.write_status(run_dir, state="completed", error=None)
+            print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
+            return 0
+        if not (run_dir / "last.pt").is_file() and (run_dir / "test.json").is_file() and len(rows) >= saved.epochs:
+            if cfg.epochs > saved.epochs:
+                raise RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
+                                 f"completed (train with --keep-last true to extend runs later)")
+            runs.write_status(run_dir, state="completed", error=None)
+            print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
+            return 0
+    else:
+        if getattr(args, "preset", None):
+            return _train_preset(args)
+        cfg, changed = config_from_args(args), {}
+        run_dir = _fresh_run_dir(args, cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    read_dataset(cfg.data)  # a bad data set is one line before any process, folder write or cache
+    if changed:
+        runs.update_config(run_dir, cfg.to_dict(), changed)
     try:
         best = fit(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except WeightsUnavailable as e:
         raise UserError(str(e))
+    except (TrainingError, OSError) as e:
+        from .lifecycle import failure_message
+        print(f"error: {failure_message(e, batch_size=cfg.batch_size, image_size=cfg.image_size)}", file=sys.stderr)
+        return 1
     if "stopped_at" in best:
         print(f"stopped at epoch {best['stopped_at']['epoch']}, step {best['stopped_at']['step']}; "
               f"resume with: python -m retino train --resume {run_dir}", file=sys.stderr)
     elif best:
-        print(f"{run_dir}: best epoch {best['epoch']}: test_qwk {best['test_qwk']:.4f}, "
-              f"test_acc {best['test_acc']:.4f}", file=sys.stderr)
+        print(f"{run_dir}: best epoch {best['epoch']} by val QWK {best['val_qwk']:.4f}; "
+              f"test: python -m retino evaluate {run_dir}", file=sys.stderr)
+    return 0
+
+
+def _train_preset(args) -> int:
+    """``train --preset NAME``: each of the preset's runs in turn, in its own folder."""
+    from .config import config_from_args, expand_preset, preset_base
+    base = config_from_args(args, preset_base(args.preset))  # the preset's settings, then the flags given
+    for cfg in expand_preset(args.preset, base):
+        sub = argparse.Namespace(**{**vars(args), "preset": None, "run_dir": None})
+        for k, v in cfg.to_dict().items():
+            setattr(sub, k, v)
+        code = cmd_train(sub)
+        if code:
+            return code
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
     from .grades import GRADES, grade_label
-    result = evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint)
+    from .stats import format_interval
+    r = evaluate_run(args.run_dir, data=args.data, split=args.split)
     if args.json:
-        _print_json(result)
+        _print_json(r)
         return 0
-    print(f"{result['run']}: {result['checkpoint']} (epoch {result['epoch']}) on {result['data']}")
-    for k, v in result.items():
-        if k not in ("run", "checkpoint", "epoch", "data") and not isinstance(v, (list, dict)):
-            print(f"{k:>28}: {_num(v)}")
-    base = result["majority_baseline"]
-    print(f"{'majority_baseline':>28}: always grade {base['grade']}: acc {_num(base['acc'])}, QWK {_num(base['qwk'])}")
-    confusion = result["test_confusion"]
+    where = f" of {r['data']}" if r.get("data") else ""
+    print(f"{args.run_dir}: epoch {r['epoch']}, {r['split']} split{where} ({r['n_images']} images, "
+          f"{r['n_patients']} patients); choices made on {r['selected_on']}")
+    print(f"  95% patient-level bootstrap intervals, {r['n_boot']} resamples:")
+    for name, entry in r["metrics"].items():
+        print(f"  {name:<16} {format_interval(entry)}")
+    for name, entry in (r.get("patient") or {}).items():
+        print(f"  {'patient ' + name:<16} {format_interval(entry)}")
+    op, cal = r["operating_point"], r["calibration"]
+    if op.get("threshold") is not None:
+        print(f"  operating point  referable score >= {_num(op['threshold'], 3)} (chosen for sensitivity "
+              f"{_num(op['target_sensitivity'], 2)})")
+    print(f"  calibration      temperature {_num(cal['temperature'], 3)}, ECE {_num(cal['ece'], 3)} "
+          f"(before temperature {_num(cal['ece_before_temperature'], 3)})")
+    base = r["majority_baseline"]
+    print(f"  majority         always grade {base['grade']}: accuracy {_num(base['acc'], 3)}, QWK {_num(base['qwk'], 3)}")
+    confusion = r["confusion"]
     print("per grade:            recall  precision      n")
+    precision = [row[g] / max(sum(col[g] for col in confusion), 1) for g, row in enumerate(confusion)]
     for g in GRADES:
-        print(f"  {grade_label(g):<16} {_num(result['test_recall'][g], 3):>8} "
-              f"{_num(result['test_precision'][g], 3):>10} {sum(confusion[g]):>6}")
+        print(f"  {grade_label(g):<16} {_num(r['per_grade_recall'][g], 3):>8} {_num(precision[g], 3):>10} "
+              f"{sum(confusion[g]):>6}")
     print("confusion (rows = true grade, columns = predicted):")
     for row in confusion:
         print("   " + " ".join(f"{c:6d}" for c in row))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """B minus A on the same test images; exit 2 (one line) when they were not evaluated on the same ones."""
+    from .evaluate import compare_runs
+    from .stats import format_interval
+    r = compare_runs(args.run_a, args.run_b, data=args.data)
+    if args.json:
+        _print_json(r)
+        return 0
+    print(f"B minus A on {r['n_images']} test images of {r['n_patients']} patients (95% paired patient bootstrap)")
+    print(f"  A: {r['a']}\n  B: {r['b']}")
+    for name, d in r["diff"].items():
+        print(f"  {name:<16} {format_interval(d):<28} {r['verdict'].get(name, '')}")
     return 0
 
 
@@ -264,12 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _train_parser(sub)
 
-    p = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on its test split or another set")
+    p = sub.add_parser("evaluate", help="a run's chosen checkpoint on its test split (or val, or another set), "
+                                        "with patient-level intervals")
     p.add_argument("run_dir")
     p.add_argument("--data", help="data-set folder (default: the run's own)")
-    p.add_argument("--checkpoint", default="best.pt", type=str.lower, choices=["best.pt", "last.pt"])
+    p.add_argument("--split", default="test", type=str.lower, choices=["test", "val"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="two runs on the same test images: B minus A with paired intervals")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--data", help="evaluate both on this data set's test split (default: their own)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="grade photographs with a run's best checkpoint")
     p.add_argument("run_dir")
@@ -330,12 +484,26 @@ def main(argv=None) -> int:
 
 
 def _mark_failed(args, error: Exception) -> None:
-    """A launched run that cannot start says why in its status, instead of looking interrupted."""
-    folder = getattr(args, "run_dir", None) if args.verb == "train" else None
-    folder = folder or (getattr(args, "resume", None) if args.verb == "train" else None)
-    if folder and (Path(folder) / "status.json").is_file():
-        from .runs import write_status
-        write_status(Path(folder), state="failed", error=str(error), error_type=type(error).__name__)
+    """A run the dashboard started that cannot start says why in its status (not "interrupted").
+
+    A fresh launch becomes ``failed``; a refused Resume goes back to the state it had, with a note.
+    A busy folder (another trainer holds it) is never touched: its status is that trainer's.
+    """
+    from . import lifecycle, runs
+    folder = getattr(args, "run_dir", None) or getattr(args, "resume", None) if args.verb == "train" else None
+    if not folder or isinstance(error, lifecycle.RunBusy):
+        return
+    folder = Path(os.path.expanduser(str(folder)))
+    try:
+        status = runs.read_json(folder / "status.json")
+    except (runs.RunError, OSError):
+        return
+    if status.get("state") != "starting":  # only the dashboard writes "starting" before the trainer runs
+        return
+    if getattr(args, "resume", None):
+        runs.write_status(folder, state=status.get("resume_from") or "stopped", note=f"resume refused: {error}")
+    elif not isinstance(error, RunRefused):
+        runs.write_status(folder, state="failed", error=str(error), error_type=type(error).__name__)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ class TrainConfig:
     ben_graham: bool = _f(True, "Ben Graham's local-colour normalisation (Kaggle 2015 winner): lesions stand "
                                 "out, lighting and pigment do not; --ben-graham false for plain photos")
     cache: bool = _f(True, "decode each image once into a memory-mapped cache reused by later epochs and runs")
+    val_fraction: float = _f(0.1, "share of the training patients held out as the validation split that every "
+                                  "choice is made on (unless the data set has its own val split)")
     # model
     arch: str = _f("resnet18", "architecture", ARCHS)
     pretrained: bool = _f(False, "start from torchvision's ImageNet weights")
@@ -62,6 +64,8 @@ class TrainConfig:
     step_size: int = _f(10, "epochs between x0.1 decays for --schedule step")
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
     seed: int = _f(0, "seed for initialisation, sampling and augmentation")
+    # evaluation
+    target_sensitivity: float = _f(0.9, "referable-DR sensitivity the operating point is chosen for, on val")
     # hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", DEVICES)
     workers: int = _f(2, "data-loader worker processes (decoding without the cache, or feeding a GPU; on a CPU "
@@ -70,8 +74,11 @@ class TrainConfig:
     channels_last: bool = _f(True, "channels_last memory format on CUDA; ignored on CPU")
     compile: bool = _f(False, "torch.compile the model (CUDA only; pays off on long runs)")
     eval_batch_size: int = _f(0, "evaluation batch size (0 = 2 x batch size)")
+    log_every: int = _f(0, "read the loss off the device every N steps (0 = about twice a second)")
     # bookkeeping
     name: str = _f("", "run name shown in the dashboard (default: derived from the config)")
+    keep_last: bool = _f(False, "keep last.pt (weights + optimizer, for --resume --epochs N later) after "
+                                "the run completes")
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError naming the first bad one."""
@@ -89,8 +96,14 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
-        if self.workers < 0 or self.eval_batch_size < 0:
-            raise ConfigError("workers and eval_batch_size must be >= 0")
+        if self.workers < 0 or self.eval_batch_size < 0 or self.log_every < 0:
+            raise ConfigError("workers, eval_batch_size and log_every must be >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if not 0 < self.target_sensitivity < 1:
+            raise ConfigError(f"target_sensitivity must be in (0, 1), got {self.target_sensitivity}")
         if self.head == "classify" and self.loss != "ce":
             raise ConfigError(f"loss {self.loss!r} needs --head regress; the classify head trains with ce")
         if self.head == "regress" and self.loss == "ce":

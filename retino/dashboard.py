@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 from . import runs
-from .compare import best_row
 
 PREDICTABLE = ("completed", "stopped")  # states whose best checkpoint Predict offers
 # Failed runs that resuming cannot help: the same config or weights fail the same way again.
@@ -67,14 +66,14 @@ def step_log(run: runs.RunInfo) -> list[dict]:
 # ----------------------------------------------------------------------------- choosing runs
 
 def qwk_key(rows) -> str:
-    """The QWK a run is judged by: validation where its rows have it, else test."""
-    return "val_qwk" if any(r.get("val_qwk") is not None for r in rows) else "test_qwk"
+    """The QWK a run is judged by: validation where its rows have it, else test (``runs.selected_on``)."""
+    return f"{runs.selected_on(rows)}_qwk"
 
 
 def best_qwk(rows) -> float:
     """A run's best QWK (validation, else test); NaN with no epoch."""
     key = qwk_key(rows)
-    row = best_row(rows, key) or {}
+    row = runs.best_row(rows) or {}
     value = row.get(key)
     return float(value) if isinstance(value, (int, float)) else math.nan
 
@@ -124,22 +123,22 @@ def can_resume(run: runs.RunInfo) -> tuple[bool, str]:
 
 def progress(status: dict) -> tuple[float, str]:
     """A live run's progress bar: (fraction done, what it is doing)."""
-    state = status.get("state")
+    state, phase = status.get("state"), status.get("phase")
     if state == "starting" or (state == "queued" and not status.get("started")):
         return 0.0, "starting: loading the data and the model"
     if state == "queued":
         return 0.0, "queued: waiting for the device (another run is training on it)"
-    cache = status.get("cache")
-    epoch = int(status.get("epoch") or 0)
-    if isinstance(cache, dict) and cache.get("total") and not status.get("steps") and epoch <= 1:
-        done, total = int(cache.get("done") or 0), int(cache["total"])
-        split = f" {cache['split']}" if cache.get("split") else ""
-        return min(done / total, 1.0), f"building the image cache{split}: {done:,}/{total:,} images (once per data set and size)"
     epochs = max(int(status.get("epochs") or 1), 1)
-    step, steps = int(status.get("step") or 0), status.get("steps")
-    steps = int(steps) if isinstance(steps, (int, float)) else 0
-    done = (max(epoch - 1, 0) + (step / steps if steps else 0)) / epochs
-    return min(max(done, 0.0), 1.0), f"epoch {epoch}/{status.get('epochs', '?')} · step {step}/{steps or '?'}"
+    epoch, step = int(status.get("epoch") or 0), int(status.get("step") or 0)
+    steps = status.get("steps")
+    steps = int(steps) if isinstance(steps, (int, float)) and not isinstance(steps, bool) else 0
+    done = min(max((max(epoch - 1, 0) + (step / steps if steps else 0)) / epochs, 0.0), 1.0)
+    if isinstance(phase, str) and phase.startswith("caching"):  # the first minutes on a new data set
+        return done, f"{phase}: decoded once per data set and image size, then reused"
+    where = f"epoch {epoch}/{status.get('epochs', '?')} · step {step}/{steps or '?'}"
+    if isinstance(phase, str) and phase not in ("training", "starting"):
+        where += f" · {phase}"
+    return done, where
 
 
 def clock(seconds) -> str:

@@ -1,36 +1,283 @@
-"""Evaluate a trained run: every test metric of one of its checkpoints, on its test split or another set."""
+"""A run's honest evaluation: per-image outputs of its chosen checkpoint, and what is computed from them.
+
+At the end of training, :func:`write_evaluation` saves the chosen (best val QWK) checkpoint's outputs
+on val and test as ``predictions.csv`` and, from them,
+- everything chosen on **val**: the temperature (Guo et al. 2017) and the referable-DR operating
+  point for a target sensitivity, in ``evaluation.json``, which ``predict`` applies;
+- the **test** report, once, with 95% patient-level bootstrap intervals, in ``test.json``.
+:func:`evaluate_run` and :func:`compare_runs` (the ``evaluate`` and ``compare`` verbs) read those
+files; a run made before them is evaluated once to make ``predictions.csv`` (its choices were made
+on test: ``selected_on`` says so).
+"""
 from __future__ import annotations
 
-import dataclasses
+import io
+import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from . import metrics
-from .inference import Trained, load_trained  # noqa: F401  (Trained, load_trained: moved to retino.inference)
+from . import calibration, metrics, runs, stats
+from .grades import REFERABLE_GRADE
+from .inference import Trained, load_trained  # noqa: F401  (moved to retino.inference; old imports keep working)
+
+N_BOOT = 1000
+BOOT_SEED = 0
+PROB_COLS = [f"p{g}" for g in range(5)]
 
 
-def evaluate_run(run_dir, *, data: str | None = None, checkpoint: str = "best.pt") -> dict:
-    """Every test metric of a run's checkpoint on its test split (or another data set's).
+# ----------------------------------------------------------------------------- predictions.csv
 
-    Returns the metrics of :func:`retino.metrics.classification_metrics` with the ``test_`` prefix,
-    the test loss, and ``run``, ``checkpoint``, ``epoch``, ``data``, ``skipped`` (images left out
-    as unreadable) and ``majority_baseline``.
+def prediction_table(parts: dict, *, head: str, thresholds) -> pd.DataFrame:
+    """One row per image: image, patient, eye, split, label, p0..p4 (or score), grade, referable score.
+
+    ``parts``: split name -> (frame with image/patient/eye/grade, outputs (N, 5) logits or (N, 1) scores).
     """
-    from . import train
+    tables = []
+    for split, (frame, outputs) in parts.items():
+        t = pd.DataFrame({"image": frame["image"].astype(str).to_numpy(), "patient": frame["patient"].astype(str),
+                          "eye": frame["eye"].to_numpy(), "split": split,
+                          "label": frame["grade"].to_numpy(dtype=np.int64)})
+        outputs = np.asarray(outputs, dtype=np.float64)
+        if head == "regress":
+            t["score"] = outputs.reshape(-1)
+            t["grade"] = metrics.apply_thresholds(t["score"].to_numpy(), thresholds)
+            t["referable_score"] = t["score"]
+        else:
+            z = outputs - outputs.max(1, keepdims=True)
+            probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            for g, col in enumerate(PROB_COLS):
+                t[col] = probs[:, g]
+            t["grade"] = probs.argmax(1)
+            t["referable_score"] = probs[:, REFERABLE_GRADE:].sum(1)
+        tables.append(t)
+    return pd.concat(tables, ignore_index=True)
+
+
+def read_predictions(run_dir) -> pd.DataFrame:
+    """predictions.csv of a run (RunError when missing or malformed)."""
+    path = Path(run_dir) / "predictions.csv"
+    try:
+        table = pd.read_csv(path, dtype={"image": str, "patient": str, "eye": str})
+    except FileNotFoundError:
+        raise runs.RunError(f"{path}: missing") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise runs.RunError(f"{path}: not a predictions table ({e})") from None
+    need = {"image", "patient", "split", "label", "grade", "referable_score"}
+    if not need <= set(table.columns):
+        raise runs.RunError(f"{path}: missing columns {sorted(need - set(table.columns))}")
+    return table
+
+
+def _probs(table: pd.DataFrame) -> np.ndarray | None:
+    return table[PROB_COLS].to_numpy(dtype=np.float64) if set(PROB_COLS) <= set(table.columns) else None
+
+
+# ----------------------------------------------------------------------------- chosen on val
+
+def choose_on(table: pd.DataFrame, split: str, *, head: str, target_sensitivity: float) -> dict:
+    """Temperature and operating point fit on ``split``'s predictions (val; test only for older runs)."""
+    part = table[table["split"] == split]
+    y = part["label"].to_numpy(dtype=np.int64)
+    chosen = {"selected_on": split, "temperature": 1.0}
+    probs = _probs(part)
+    if head != "regress" and probs is not None:
+        chosen["temperature"] = float(calibration.fit_temperature(np.log(np.clip(probs, 1e-12, 1)), y))
+    ref = _calibrated_referable(part, chosen["temperature"])
+    try:
+        chosen["operating_point"] = calibration.operating_point(ref, y, target_sensitivity)
+    except ValueError as e:  # val without referable or non-referable images
+        chosen["operating_point"] = {"threshold": None, "target_sensitivity": target_sensitivity, "error": str(e)}
+    return chosen
+
+
+def _calibrated_probs(part: pd.DataFrame, temperature: float) -> np.ndarray | None:
+    probs = _probs(part)
+    if probs is None:
+        return None
+    return calibration.apply_temperature(np.log(np.clip(probs, 1e-12, 1)), temperature)
+
+
+def _calibrated_referable(part: pd.DataFrame, temperature: float) -> np.ndarray:
+    probs = _calibrated_probs(part, temperature)
+    if probs is None:
+        return part["referable_score"].to_numpy(dtype=np.float64)
+    return probs[:, REFERABLE_GRADE:].sum(1)
+
+
+# ----------------------------------------------------------------------------- the report
+
+def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int | None = None,
+           n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """Metrics of one split with 95% patient-level bootstrap intervals, at the operating point chosen on val."""
+    part = table[table["split"] == split]
+    if part.empty:
+        raise runs.RunError(f"no {split} predictions to evaluate")
+    y, pred = part["label"].to_numpy(dtype=np.int64), part["grade"].to_numpy(dtype=np.int64)
+    ref = _calibrated_referable(part, chosen["temperature"])
+    op = chosen.get("operating_point") or {}
+    threshold = op.get("threshold")
+    groups = part["patient"].to_numpy()
+    cut = threshold if threshold is not None else 0.5
+    ivs = stats.intervals(y, pred, ref, groups=groups, threshold=cut, n_boot=n_boot, seed=seed)
+    patient = stats.patient_intervals(groups, y, ref, threshold=cut, n_boot=n_boot, seed=seed)
+    probs_raw, probs_cal = _probs(part), _calibrated_probs(part, chosen["temperature"])
+    calib = {"temperature": chosen["temperature"], "ece": None, "ece_before_temperature": None}
+    if probs_raw is not None:
+        calib["ece_before_temperature"] = calibration.expected_calibration_error(probs_raw, y)
+        calib["ece"] = calibration.expected_calibration_error(probs_cal, y)
+    per_grade = metrics.classification_metrics(y, pred)
+    return runs.json_safe({
+        "split": split, "selected_on": chosen["selected_on"], "epoch": epoch, "n_images": int(len(part)),
+        "n_patients": int(len(np.unique(groups))), "metrics": ivs,
+        "operating_point": {"threshold": threshold, "target_sensitivity": op.get("target_sensitivity"),
+                            "val_sensitivity": op.get("val_sensitivity"),
+                            "val_specificity": op.get("val_specificity")},
+        "patient": patient, "calibration": calib,
+        "per_grade_recall": per_grade["recall"], "confusion": per_grade["confusion"],
+        "majority_baseline": metrics.majority_baseline(y), "n_boot": n_boot})
+
+
+def write_evaluation(run_dir, parts: dict, *, head: str, thresholds, epoch: int, target_sensitivity: float) -> dict:
+    """The end of a run: predictions.csv, evaluation.json (chosen on val) and test.json (reported once)."""
+    run_dir = Path(run_dir)
+    table = prediction_table(parts, head=head, thresholds=thresholds)
+    _write_csv(run_dir / "predictions.csv", table)
+    chosen = choose_on(table, "val", head=head, target_sensitivity=target_sensitivity)
+    runs.write_json(run_dir / "evaluation.json", {**chosen, "epoch": epoch, "head": head,
+                                                  "thresholds": list(thresholds)})
+    test = report(table, chosen, split="test", epoch=epoch)
+    runs.write_json(run_dir / "test.json", test)
+    return test
+
+
+def _write_csv(path: Path, table: pd.DataFrame) -> None:
+    buf = io.StringIO()
+    table.to_csv(buf, index=False, float_format="%.6g")
+    runs.write_atomic(path, buf.getvalue().encode())
+
+
+def read_chosen(run_dir) -> dict | None:
+    """evaluation.json (temperature, operating point, thresholds), or None for a run without one."""
+    try:
+        return runs.read_json(Path(run_dir) / "evaluation.json")
+    except runs.RunError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the verbs
+
+def evaluate_run(run_dir, *, data: str | None = None, split: str = "test") -> dict:
+    """``python -m retino evaluate``: the report of a run's chosen checkpoint on ``split``.
+
+    From predictions.csv; with ``data`` (another data set), the model is run on that set's split
+    with the run's own choices (temperature, operating point) applied unchanged.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise runs.RunError(f"{run_dir}: the run folder does not exist")
+    if data:
+        table = _predict_split(run_dir, data, split)
+        chosen = read_chosen(run_dir) or {"selected_on": "test", "temperature": 1.0}
+        return {**report(table, chosen, split=split, epoch=_epoch(run_dir)), "data": str(data)}
+    table, chosen = ensure_predictions(run_dir)
+    return report(table, chosen, split=split, epoch=chosen.get("epoch"))
+
+
+def ensure_predictions(run_dir) -> tuple[pd.DataFrame, dict]:
+    """predictions.csv and the val choices; an older run is evaluated once to make them (chosen on test)."""
+    run_dir = Path(run_dir)
+    chosen = read_chosen(run_dir)
+    try:
+        table = read_predictions(run_dir)
+    except runs.RunError:
+        if (run_dir / "predictions.csv").exists():
+            raise
+        table = None
+    if table is not None and chosen is not None:
+        return table, chosen
+    from .inference import load_trained
+    trained = load_trained(run_dir)
+    cfg = trained.config
+    table = _predict_split(run_dir, cfg.data, "test", trained=trained)
+    _write_csv(run_dir / "predictions.csv", table)
+    chosen = {**choose_on(table, "test", head=cfg.head, target_sensitivity=cfg.target_sensitivity),
+              "epoch": trained.epoch, "head": cfg.head, "thresholds": list(trained.thresholds),
+              "note": "chosen on test (older run)"}
+    runs.write_json(run_dir / "evaluation.json", chosen)
+    return table, chosen
+
+
+def _epoch(run_dir) -> int | None:
+    chosen = read_chosen(run_dir)
+    return chosen.get("epoch") if chosen else None
+
+
+def _predict_split(run_dir, data: str, split: str, trained=None) -> pd.DataFrame:
+    """Run a run's best checkpoint over one split of a data set (as trained: size, Ben Graham, norm)."""
+    from dataclasses import replace
     from .data import read_dataset
-    from .fileio import resolve_data_path
-    # the trainer's validation pass; renamed from train.evaluate to train.validate (issue 13)
-    validate = getattr(train, "validate", None) or getattr(train, "evaluate")
-    trained = load_trained(run_dir, checkpoint)
-    cfg = dataclasses.replace(trained.config, data=str(resolve_data_path(data or trained.config.data)),
-                              workers=min(trained.config.workers, 2))
-    ds = read_dataset(cfg.data)
-    split = train.load_split(ds.splits["test"], cfg, progress=False, desc="cache test")
-    ctx = train.Context(train.pick_device("auto"))
+    from .inference import load_trained
+    from .train import Context, load_split, make_loader, pick_device, validate
+    trained = trained or load_trained(run_dir)
+    cfg = replace(trained.config, data=str(data), workers=min(trained.config.workers, 2))
+    ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
+    if split not in ds.splits:
+        raise runs.RunError(f"{data}: has no {split} split")
+    part = load_split(ds.splits[split], cfg, progress=False, desc=f"cache {split}")
+    ctx = Context(pick_device("auto"))
     trained.model.to(ctx.device)
-    loader = train.make_loader(split, cfg, ctx, train=False)
-    criterion = train.make_criterion(cfg, np.asarray(ds.splits["train"]["grade"]), ctx.device)
-    out = validate(trained.model, loader, cfg, ctx.device, criterion, trained.norm, trained.thresholds)
-    base = metrics.majority_baseline(split.labels)
-    return {"run": str(run_dir), "checkpoint": checkpoint, "epoch": trained.epoch, "data": cfg.data,
-            "skipped": len(split.skipped), **out, "majority_baseline": base}
+    outputs = validate(trained.model, make_loader(part, cfg, ctx, train=False), cfg=cfg, ctx=ctx, norm=trained.norm)
+    return prediction_table({split: (part.frame, outputs)}, head=cfg.head, thresholds=trained.thresholds)
+
+
+def compare_runs(run_a, run_b, *, data: str | None = None, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """``python -m retino compare``: B minus A on the same test images, paired by patient resampling.
+
+    Raises RunError when the two runs were not evaluated on the same images.
+    """
+    tables, chosen = [], []
+    for run in (run_a, run_b):
+        if data:
+            tables.append(_predict_split(run, data, "test"))
+            chosen.append(read_chosen(run) or {"temperature": 1.0})
+        else:
+            t, c = ensure_predictions(run)
+            tables.append(t[t["split"] == "test"])
+            chosen.append(c)
+    a, b = (t.set_index("image") for t in tables)
+    if set(a.index) != set(b.index) or len(a) != len(b):
+        common = len(set(a.index) & set(b.index))
+        raise runs.RunError(f"the runs were not evaluated on the same images: {Path(run_a).name} has {len(a)} "
+                            f"test images, {Path(run_b).name} has {len(b)}, {common} in common; compare them "
+                            f"on one data set with --data DIR")
+    b = b.loc[a.index]
+    if not np.array_equal(a["label"].to_numpy(), b["label"].to_numpy()):
+        raise runs.RunError("the runs' test images carry different labels: they were not evaluated on the same data")
+    sides = []
+    for t, c in ((a, chosen[0]), (b, chosen[1])):
+        op = (c.get("operating_point") or {}).get("threshold")
+        sides.append(({"y_true": t["label"].to_numpy(dtype=np.int64), "y_pred": t["grade"].to_numpy(dtype=np.int64),
+                       "ref_score": _calibrated_referable(t, c.get("temperature", 1.0))},
+                      op if op is not None else 0.5))
+    diff = stats.paired_difference(sides[0][0], sides[1][0], groups=a["patient"].to_numpy(),
+                                   threshold_a=sides[0][1], threshold_b=sides[1][1], n_boot=n_boot, seed=seed)
+    return runs.json_safe({"a": str(run_a), "b": str(run_b), "n_images": int(len(a)),
+                           "n_patients": int(a["patient"].nunique()), "diff": diff, "verdict": verdicts(diff)})
+
+
+def verdicts(diff: dict) -> dict:
+    """A plain sentence per metric: which run is better, or no detectable difference."""
+    out = {}
+    for name, d in diff.items():
+        lo, hi = d.get("lo"), d.get("hi")
+        if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+            out[name] = "not computable on these images"
+        elif lo > 0:
+            out[name] = "B is better: the interval excludes 0"
+        elif hi < 0:
+            out[name] = "A is better: the interval excludes 0"
+        else:
+            out[name] = "no detectable difference: the interval includes 0"
+    return out

@@ -7,6 +7,7 @@ file or the new, never half of one, and a full disk leaves the previous file in 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,9 +43,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None: strict JSON (a bare NaN is not JSON), numpy scalars as numbers."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars
+        try:
+            obj = obj.item()
+        except (ValueError, RuntimeError):
+            return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    """``obj`` as indented JSON, written atomically (values JSON cannot hold are written as text)."""
-    write_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+    """``obj`` as indented, strict JSON (``json_safe``), written atomically; other values as text."""
+    write_atomic(path, (json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False) + "\n").encode())
 
 
 def resolve_data_path(path) -> Path:

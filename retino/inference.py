@@ -20,13 +20,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import metrics, runs
 from .config import TrainConfig
 from .data import ImageError, load_image, preprocess
 from .data.loaders import normalize, to_float
-from .data.preprocess import MAX_PIXELS, _to_rgb, fundus_bbox
+from .data.preprocess import MAX_PIXELS, _placement, _to_rgb, exif_upright, fundus_bbox
 from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
 
@@ -114,7 +114,8 @@ def decode(src, name: str, size: int | None = None) -> Image.Image:
         w, h = src.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"{name}: {w} x {h} pixels is larger than the {MAX_PIXELS / 1e6:.0f} MP limit")
-        return _to_rgb(ImageOps.exif_transpose(src))
+        upright, _ = exif_upright(src, name)  # unreadable EXIF: unrotated (load_image does the same)
+        return _to_rgb(upright)
     if not isinstance(src, (str, os.PathLike, bytes, bytearray)) and not hasattr(src, "read"):
         raise ImageError(f"{name}: expected a path, bytes, a file object or a PIL image, "
                          f"got {type(src).__name__}")
@@ -160,19 +161,19 @@ def prepare(src, config: TrainConfig, name: str) -> tuple[np.ndarray, Image.Imag
 def map_on_photo(heat: np.ndarray, crop: tuple, shape: tuple[int, int]) -> np.ndarray:
     """A map over the model's input (S, S) laid back over the photo it came from: (H, W) float32.
 
-    Undoes preprocessing's geometry: the square is scaled to the fundus box's longer side, the
-    padding is cut off, and the rest is placed at the box; outside the box the map is 0.
-    ``crop`` is :func:`fundus_crop`'s box, ``shape`` the photo's (H, W) at any scale.
+    Undoes preprocessing's geometry (``crop_and_pad``: the fundus box resized to the square's side,
+    then centred): the padding is cut off, the rest is scaled to the box and placed there; outside
+    the box the map is 0. ``crop`` is :func:`fundus_crop`'s box, ``shape`` the photo's (H, W) at any scale.
     """
     height, width = shape
     top, bottom = round(crop[0] * height), round(crop[1] * height)
     left, right = round(crop[2] * width), round(crop[3] * width)
     h, w = max(bottom - top, 1), max(right - left, 1)
-    side = max(h, w)
-    y0, x0 = (side - h) // 2, (side - w) // 2  # as preprocess.pad_to_square centres the crop
-    square = cv2.resize(np.asarray(heat, np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    size = heat.shape[0]
+    _, nh, nw, y0, x0 = _placement(h, w, size)  # where preprocess put the box in the square
+    inside = np.ascontiguousarray(np.asarray(heat, np.float32)[y0:y0 + nh, x0:x0 + nw])
     out = np.zeros((height, width), np.float32)
-    out[top:top + h, left:left + w] = square[y0:y0 + h, x0:x0 + w]
+    out[top:top + h, left:left + w] = cv2.resize(inside, (w, h), interpolation=cv2.INTER_LINEAR)
     return out
 
 

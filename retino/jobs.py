@@ -45,8 +45,9 @@ def launch(cfg: TrainConfig, root: Path | None = None) -> Path:
     root = Path(root or runs.runs_root()).resolve()
     run_dir = runs.create_run_dir(root, cfg.display_name())
     # a provisional config so the dashboard can name the run before training writes the full one
-    runs.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time()})
-    runs.write_status(run_dir, state="queued", pid=None, epoch=0, step=0, epochs=cfg.epochs)
+    # "provisional": the trainer recognises its own launch and may write into this non-empty folder
+    runs.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time(), "provisional": True})
+    runs.write_status(run_dir, state="starting", pid=None, epoch=0, step=0, epochs=cfg.epochs)
     pid = _spawn(run_dir, config_to_args(cfg) + ["--run-dir", str(run_dir), "--quiet"])
     runs.write_status(run_dir, pid=pid)
     return run_dir
@@ -59,7 +60,7 @@ def resume(run_dir: Path) -> int:
     if status.get("state") in runs.ACTIVE:
         raise runs.RunError(f"{run_dir.name}: is still {status['state']}; nothing to resume")
     pid = _spawn(run_dir, ["--resume", str(run_dir), "--quiet"])
-    runs.write_status(run_dir, state="queued", pid=pid, error=None)
+    runs.write_status(run_dir, state="starting", pid=pid, error=None, note=None, resume_from=status.get("state"))
     return pid
 
 

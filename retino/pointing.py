@@ -13,7 +13,7 @@ import numpy as np
 
 from . import inference
 from .data import DatasetError, load_image, preprocess, read_dataset
-from .data.preprocess import fundus_bbox, pad_to_square
+from .data.preprocess import crop_and_pad, fundus_bbox
 from .explain import check_method, class_activation_maps
 from .fileio import resolve_data_path
 from .grades import REFERABLE_GRADE
@@ -26,8 +26,8 @@ def _mask_like_model_input(mask: np.ndarray, rgb: np.ndarray, size: int) -> np.n
     """
     if mask.shape != rgb.shape[:2]:
         mask = cv2.resize(mask, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-    square = pad_to_square(mask, fundus_bbox(rgb))  # the same box and padding preprocess() uses
-    return cv2.resize(square, (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    # the same box, resize and padding preprocess() applies to the image
+    return crop_and_pad(mask, fundus_bbox(rgb), size, interpolation=cv2.INTER_NEAREST) > 0
 
 
 def _pointing_tolerance(size: int) -> int:

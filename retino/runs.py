@@ -9,9 +9,12 @@ a folder that reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import subprocess
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .fileio import write_atomic, write_json  # noqa: F401  (runs.write_json stays the run folder's writer)
+from .fileio import json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
 
 DEFAULT_ROOT = Path("checkpoints")
-STATES = ("queued", "running", "completed", "failed", "stopped", "interrupted")
-ACTIVE = ("queued", "running")
+ACTIVE = ("starting", "queued", "running")  # states of a run whose trainer should be alive
 HEARTBEAT_STALE_S = 30.0  # a live trainer writes status at least every few seconds
 
 
@@ -37,12 +39,18 @@ def runs_root() -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object file; anything else (missing, not JSON, a list, null, a folder) is a RunError."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(obj).__name__ if obj is not None else 'null'}")
+    return obj
 
 
 # ----------------------------------------------------------------------------- naming
@@ -119,16 +127,24 @@ def read_status(run_dir: Path) -> dict:
     """status.json, with ``state`` = interrupted when an active run's process is gone or silent."""
     status = read_json(Path(run_dir) / "status.json")
     if status.get("state") in ACTIVE:
-        stale = time.time() - float(status.get("updated", 0)) > HEARTBEAT_STALE_S
+        stale = time.time() - _number(status.get("updated")) > HEARTBEAT_STALE_S
         if not _pid_alive(status.get("pid")) or stale:
             status["reported_state"] = status["state"]
             status["state"] = "interrupted"
     return status
 
 
+def _number(value, default: float = 0.0) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
-    """Append one epoch as one line, in one write, flushed to disk."""
-    line = (json.dumps(row, default=float) + "\n").encode()
+    """Append one epoch as one line, in one write, flushed to disk (NaN written as null)."""
+    line = (json.dumps(json_safe(row), default=float, allow_nan=False) + "\n").encode()
     fd = os.open(Path(run_dir) / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -144,19 +160,134 @@ def read_metrics(run_dir: Path) -> list[dict]:
         text = path.read_text()
     except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError):
+        return []
     rows = []
     for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
     return rows
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
-    """Keep the epochs up to ``last_epoch`` (a resume replays the later ones)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
-    write_atomic(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    """Keep the epochs up to ``last_epoch`` (a resume replays the later ones); drops torn lines."""
+    rows = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]
+    write_atomic(Path(run_dir) / "metrics.jsonl",
+                 "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows).encode())
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The chosen epoch: highest val QWK (earliest on ties); runs from before the val split, by test QWK.
+
+    The last epoch when no row has a value. A row's ``selected_on`` says which (``"test"`` marks an
+    older run whose choice saw the test split).
+    """
+    key = "val_qwk" if any(_finite(r.get("val_qwk")) for r in rows) else "test_qwk"
+    scored = [r for r in rows if _finite(r.get(key))]
+    if not scored:
+        return rows[-1] if rows else None
+    return max(scored, key=lambda r: (float(r[key]), -int(r.get("epoch", 0))))
+
+
+def selected_on(rows: list[dict]) -> str:
+    """``"val"`` for runs that choose on val, ``"test"`` for runs made before the val split."""
+    return "val" if any(_finite(r.get("val_qwk")) for r in rows) else "test"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def reconcile(run_dir: Path, last: dict | None, for_predicting) -> None:
+    """Make metrics.jsonl and best.pt agree with last.pt before a run continues (or starts over).
+
+    Every epoch's save is three writes, metrics line -> last.pt -> best.pt; a kill or a full disk
+    between two of them leaves:
+    - metrics ahead of last.pt: the extra lines are dropped and their epochs replayed;
+    - last.pt's own line torn off metrics.jsonl: restored from the copy last.pt carries;
+    - best.pt behind last.pt's best epoch (killed before best.pt was written): rewritten from last.pt,
+      whose weights are that epoch's.
+    ``last`` None: no epoch is saved (killed in epoch 1, or last.pt deleted): metrics and best.pt of
+    that attempt are cleared so the replay does not append after them.
+    """
+    run_dir = Path(run_dir)
+    epoch = int(last["epoch"]) if last else 0
+    truncate_metrics(run_dir, epoch)
+    rows = read_metrics(run_dir)
+    if last and last.get("row") and (not rows or rows[-1]["epoch"] < epoch):
+        append_metrics(run_dir, last["row"])
+        rows = read_metrics(run_dir)
+    epochs = [r["epoch"] for r in rows]
+    if epochs != list(range(1, epoch + 1)):
+        raise RunError(f"{run_dir / 'metrics.jsonl'}: holds epochs {epochs} but last.pt is at epoch {epoch}; "
+                       f"the run cannot be resumed consistently (start a new run)")
+    best = run_dir / "best.pt"
+    if last is None:
+        best.unlink(missing_ok=True)
+        return
+    best_epoch = int(last.get("best_epoch") or 0)
+    if best_epoch == epoch:
+        try:
+            current = load_checkpoint(best).get("epoch")
+        except RunError:
+            current = None
+        if current != epoch:
+            save_checkpoint(best, for_predicting(last))
+
+
+def git_commit(repo: Path) -> dict | None:
+    """The code's git commit and whether the work tree had changes; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def labels_fingerprint(splits: dict) -> str:
+    """A short hash of every split's (image, grade) pairs: two runs with the same labels share it."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        frame = splits[name]
+        h.update(name.encode())
+        for image, grade in sorted(zip(frame["image"].astype(str), frame["grade"].astype(int))):
+            h.update(f"{image}\t{grade}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def write_config(run_dir: Path, train: dict, *, dataset: dict, norm, world: int, device: str,
+                 data_fingerprint: str) -> None:
+    """config.json: the TrainConfig, the data set and its split, versions, code commit, labels' fingerprint."""
+    import sys
+    import torch as _torch
+    from . import __version__
+    run_dir = Path(run_dir)
+    try:
+        created = float(read_json(run_dir / "config.json").get("created"))
+    except (RunError, TypeError, ValueError):
+        created = time.time()
+    write_json(run_dir / "config.json", {
+        "train": train, "dataset": dataset, "created": created,
+        "versions": {"retino": __version__, "torch": _torch.__version__, "python": sys.version.split()[0]},
+        "code": git_commit(Path(__file__).resolve().parents[1]), "data_fingerprint": data_fingerprint,
+        "norm": {"mean": list(norm[0]), "std": list(norm[1])}, "world_size": world, "device": device})
+
+
+def update_config(run_dir: Path, train: dict, changed: dict) -> None:
+    """Record a resume's changed fields (``--epochs 3``): config.json says what the run now is."""
+    config = read_json(Path(run_dir) / "config.json")
+    history = list(config.get("resumed") or [])
+    history.append({"time": time.time(), "changed": changed})
+    write_json(Path(run_dir) / "config.json", {**config, "train": train, "resumed": history})
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -204,7 +335,11 @@ def read_meta(run_dir: Path) -> dict:
 
 
 def load_run(run_dir: Path) -> RunInfo:
-    """Everything the dashboard shows about a run; missing or broken files become ``problems``."""
+    """Everything the dashboard shows about a run; missing or broken files become ``problems``.
+
+    Never raises for what is inside the folder: a list, null or a string where an object or a number
+    belongs is a problem, shown next to the run, which can then be deleted.
+    """
     run_dir = Path(run_dir)
     problems, config, status = [], {}, {}
     try:
@@ -215,15 +350,28 @@ def load_run(run_dir: Path) -> RunInfo:
         status = read_status(run_dir)
     except RunError as e:
         problems.append(str(e))
-    meta = read_meta(run_dir)
-    cfg = config.get("train", {})
-    name = meta.get("name") or cfg.get("name") or run_dir.name
+    meta = {}
+    if (run_dir / "meta.json").exists():
+        try:
+            meta = read_json(run_dir / "meta.json")
+        except RunError as e:
+            problems.append(str(e))
+    cfg = config.get("train") if isinstance(config.get("train"), dict) else {}
+    if config and not cfg:
+        problems.append(f"{run_dir / 'config.json'}: has no \"train\" object")
+    name = next((str(v) for v in (meta.get("name"), cfg.get("name")) if isinstance(v, str) and v), run_dir.name)
+    created = config.get("created")
+    if created is not None and not _finite(created):
+        problems.append(f"{run_dir / 'config.json'}: \"created\" is {created!r}, expected a Unix time")
     try:
-        created = float(config.get("created") or run_dir.stat().st_mtime)
+        created = float(created) if _finite(created) else run_dir.stat().st_mtime
     except OSError:
         created = 0.0
-    state = status.get("state", "unknown" if problems else "queued")
-    return RunInfo(run_dir, run_dir.name, name, state, config, status, meta.get("tags", []), created, problems)
+    state = status.get("state") if isinstance(status.get("state"), str) else None
+    state = state or ("unknown" if problems else "queued")
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    return RunInfo(run_dir, run_dir.name, name, state, {**config, "train": cfg} if config else {}, status,
+                   [str(t) for t in tags], created, problems)
 
 
 def list_runs(root: Path | None = None) -> list[RunInfo]:
@@ -239,7 +387,7 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
             continue  # not a run folder (or deleted under our feet)
         try:
             runs.append(load_run(entry))
-        except OSError:
+        except (OSError, ValueError):  # vanished mid-read, or a name the file system cannot encode
             continue
     return sorted(runs, key=lambda r: r.created, reverse=True)
 
@@ -266,24 +414,44 @@ def delete_run(run_dir: Path, root: Path | None = None) -> None:
     shutil.rmtree(run_dir)
 
 
+def run_summary(run_dir: Path) -> dict:
+    """State, epochs done and which checkpoints exist: what ``check-run`` prints beside whole / not whole."""
+    run_dir = Path(run_dir)
+    info = load_run(run_dir)
+    rows = read_metrics(run_dir)
+    epochs = info.config.get("train", {}).get("epochs")
+    have = [n for n in ("best.pt", "last.pt", "test.json", "predictions.csv") if (run_dir / n).is_file()]
+    if "last.pt" in have:
+        resume = "a resume continues from last.pt"
+    elif info.state == "completed":
+        resume = "completed: nothing to resume"
+    else:
+        resume = "no last.pt: a resume starts again from epoch 1"
+    return {"state": info.state, "error": info.status.get("error"), "epochs_done": len(rows), "epochs": epochs,
+            "files": have, "missing": [n for n in ("best.pt", "last.pt") if n not in have], "resume": resume}
+
+
 def check_run(run_dir: Path) -> list[str]:
     """Problems that make a run folder not whole (empty list when whole)."""
     run_dir = Path(run_dir)
     problems = []
     if not run_dir.is_dir():
         return [f"{run_dir}: no such folder"]
-    for name in ("config.json", "status.json"):
-        try:
-            read_json(run_dir / name)
-        except RunError as e:
-            problems.append(str(e))
+    problems += load_run(run_dir).problems
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        lines = path.read_text().splitlines()
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            lines = []
+            problems.append(f"{path}: cannot be read ({e})")
         epochs = []
         for i, line in enumerate(lines, 1):
             try:
-                epochs.append(json.loads(line)["epoch"])
+                epoch = json.loads(line)["epoch"]
+                if not isinstance(epoch, int):
+                    raise TypeError
+                epochs.append(epoch)
             except (json.JSONDecodeError, KeyError, TypeError):
                 problems.append(f"{path}, line {i}: not a whole metrics record")
         if epochs != list(range(1, len(epochs) + 1)):

@@ -1,64 +1,73 @@
-"""Training: ``train_one_epoch`` and ``evaluate`` return metric dicts; ``fit`` orchestrates a run.
+"""Training: a config in, a loop, checkpoints out.
 
-A run writes only through :mod:`retino.runs`. It survives SIGTERM (finishes the step, saves, state
-``stopped``), resumes mid-epoch or from the last whole epoch with identical curves on the CPU, and
-under ``torchrun`` trains with DistributedDataParallel (only rank 0 writes).
+``fit(cfg, run_dir)`` reads the data set, trains on its **train** split, validates every epoch on
+**val** (and evaluates **test** for the curves only), keeps ``best.pt`` by val QWK, and at the end
+evaluates the chosen checkpoint once on val and test (``predictions.csv``, ``test.json``; see
+:mod:`retino.evaluate`). Nothing here reads a test figure to choose anything.
+
+``train_one_epoch`` makes no host sync per step: loss and correct counts accumulate on the device and
+are read every ``log_every`` steps (0: about twice a second), where the stop flag is also agreed
+across ranks. ``validate`` returns a split's outputs, gathered on rank 0 under torchrun. A run writes
+only through :mod:`retino.runs`; its process lifecycle (heartbeat, locks, signals) is
+:mod:`retino.lifecycle`. Under ``torchrun`` it trains with DistributedDataParallel; only rank 0 writes.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import metrics, runs
-from .compare import best_row
+from . import lifecycle, metrics, runs
 from .config import TrainConfig
-from .data import read_dataset
+from .data import DatasetError, read_dataset
 from .data.cache import build_cache
 from .data.loaders import CachedImages, DecodedImages, EpochSampler, rows_collate, to_input
+from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a diverging loss, an empty split); the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- process context
 
 @dataclass
 class Context:
-    """Where this process trains: device, distributed rank, and the stop flag set by SIGTERM."""
+    """Where this process trains: device and distributed rank. The stop flag is :data:`lifecycle.STOP`."""
 
     device: torch.device
     rank: int = 0
     world: int = 1
-    stop: threading.Event = field(default_factory=threading.Event)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def should_stop(self) -> bool:
-        """The stop flag, agreed across ranks so every process stops at the same step."""
+    def agree(self, stop: bool, seconds: float) -> tuple[bool, float]:
+        """(any rank asked to stop, the slowest rank's seconds): one all-reduce, at log points only."""
         if self.world == 1:
-            return self.stop.is_set()
-        flag = torch.tensor([float(self.stop.is_set())], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return stop, seconds
+        t = torch.tensor([float(stop), seconds], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        stop_any, slowest = t.tolist()
+        return bool(stop_any), slowest
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise TrainingError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -83,25 +92,44 @@ def setup_context(cfg: TrainConfig) -> Context:
 @dataclass
 class Split:
     dataset: torch.utils.data.Dataset
-    labels: np.ndarray
-    skipped: list  # (path, error) left out because they could not be decoded
+    frame: pd.DataFrame  # the images kept (image, path, grade, patient, eye), in dataset order
+    skipped: list        # (path, error) left out because they could not be decoded
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.frame["grade"].to_numpy(dtype=np.int64)
 
 
-def load_split(df, cfg: TrainConfig, *, progress: bool, desc: str) -> Split:
+def load_split(df: pd.DataFrame, cfg: TrainConfig, *, progress: bool, desc: str) -> Split:
     """A split's images as a torch Dataset: from the decode-once cache, or decoded per item."""
     paths, labels = df["path"].tolist(), df["grade"].to_numpy(dtype=np.int64)
     if not cfg.cache:
-        return Split(DecodedImages(paths, labels, cfg.image_size, cfg.ben_graham), labels, [])
+        return Split(DecodedImages(paths, labels, cfg.image_size, cfg.ben_graham), df.reset_index(drop=True), [])
     cache = build_cache(paths, cfg.image_size, ben_graham=cfg.ben_graham, workers=cfg.workers,
                         progress=progress, desc=desc)
     keep = np.flatnonzero(cache.ok)
     skipped = [(paths[i], cache.errors[i]) for i in sorted(cache.errors)]
-    return Split(CachedImages(cache.path, keep, labels[keep]), labels[keep], skipped)
+    return Split(CachedImages(cache.path, keep, labels[keep]), df.iloc[keep].reset_index(drop=True), skipped)
+
+
+def check_split(split: Split, name: str, data: str) -> None:
+    """Refuse, before any training, a split left empty by unreadable images."""
+    if len(split.frame):
+        return
+    if split.skipped:
+        path, error = split.skipped[0]
+        raise DatasetError(f"{data}: all {len(split.skipped)} {name} images are unreadable "
+                           f"(first: {error}); fix or remove them")
+    raise DatasetError(f"{data}: the {name} split has no images")
 
 
 def make_loader(split: Split, cfg: TrainConfig, ctx: Context, *, train: bool) -> DataLoader:
-    sampler = EpochSampler(split.labels, balanced=train and cfg.sampler == "balanced", shuffle=train,
-                           seed=cfg.seed, rank=ctx.rank if train else 0, world=ctx.world if train else 1)
+    """Train: the epoch sampler, sharded by rank. Evaluation: this rank's shard, in order, unpadded."""
+    if train:
+        sampler = EpochSampler(split.labels, balanced=cfg.sampler == "balanced", shuffle=True,
+                               seed=cfg.seed, rank=ctx.rank, world=ctx.world)
+    else:
+        sampler = list(range(len(split.frame)))[ctx.rank::ctx.world]
     batch = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
     # On a CPU device the cache is read in this process: a row is a memory-mapped read, cheaper than
     # handing it between processes, and worker processes would take cores from the model and the
@@ -140,12 +168,14 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_criterion(cfg: TrainConfig, train_labels: np.ndarray, device):
+def make_criterion(cfg: TrainConfig, train_labels: np.ndarray):
+    """``loss(out, y)`` on any device: CE (optionally class-weighted) for classify, MSE/SmoothL1 for regress."""
     if cfg.head == "regress":
-        return F.mse_loss if cfg.loss == "mse" else F.smooth_l1_loss
+        fn = F.mse_loss if cfg.loss == "mse" else F.smooth_l1_loss
+        return lambda out, y: fn(out.float().view(-1), y.float())
     counts = np.bincount(train_labels, minlength=5)
-    weight = torch.tensor(metrics.class_weights(counts, cfg.class_weights), dtype=torch.float32, device=device)
-    return lambda logits, y: F.cross_entropy(logits, y, weight=weight)
+    weight = torch.tensor(metrics.class_weights(counts, cfg.class_weights), dtype=torch.float32)
+    return lambda out, y: F.cross_entropy(out.float(), y, weight=weight.to(out.device))
 
 
 def autocast(cfg: TrainConfig, device):
@@ -155,284 +185,241 @@ def autocast(cfg: TrainConfig, device):
     return contextlib.nullcontext()
 
 
-def outputs_to_predictions(out: torch.Tensor, head: str, thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grades, scores, referable score) from model outputs; scores are probs (B, 5) or raw (B,)."""
-    out = out.float()
+def grades_of(out: torch.Tensor, head: str, thresholds: torch.Tensor) -> torch.Tensor:
+    """Predicted grades on the device: argmax, or the score cut at ``thresholds`` (as np.digitize)."""
     if head == "regress":
-        score = out.view(-1).cpu().numpy()
-        return metrics.apply_thresholds(score, thresholds), score, score
-    probs = out.softmax(1).cpu().numpy()
-    return probs.argmax(1), probs, metrics.referable_score_from_probs(probs)
+        return torch.bucketize(out.float().view(-1), thresholds, right=True)
+    return out.argmax(1)
 
 
 # ----------------------------------------------------------------------------- one epoch
 
 @dataclass
 class EpochState:
-    """Accumulators of a training epoch, saved in a mid-epoch checkpoint so a resume continues it."""
+    """A training epoch's accumulators (device tensors: reading them is a host sync), saved mid-epoch."""
 
-    loss_sum: float = 0.0
-    correct: int = 0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    bad_step: torch.Tensor = field(default_factory=lambda: torch.tensor(-1))  # first non-finite loss
     seen: int = 0
     step: int = 0
-    scores: list = field(default_factory=list)  # regression: (score, label) pairs for the thresholds
-    labels: list = field(default_factory=list)
+
+    def to(self, device) -> "EpochState":
+        self.loss_sum, self.correct, self.bad_step = (t.to(device) for t in (self.loss_sum, self.correct,
+                                                                             self.bad_step))
+        return self
 
     def as_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "step": self.step,
-                "scores": torch.tensor(self.scores, dtype=torch.float64),
-                "labels": torch.tensor(self.labels, dtype=torch.int64)}
+        return {"loss_sum": float(self.loss_sum), "correct": int(self.correct), "seen": self.seen,
+                "step": self.step}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpochState":
-        return cls(float(d["loss_sum"]), int(d["correct"]), int(d["seen"]), int(d["step"]),
-                   d["scores"].tolist(), d["labels"].tolist())
+        return cls(torch.tensor(float(d["loss_sum"]), dtype=torch.float64),
+                   torch.tensor(int(d["correct"])), torch.tensor(-1), int(d["seen"]), int(d["step"]))
 
 
-def _batches(loader, ctx):
-    """The loader's batches; if its workers die after a stop was asked for, the epoch just ends there.
+class Cadence:
+    """When to read the device: every ``every`` steps, or (0) as often as keeps it about twice a second."""
 
-    A signal sent to the whole process group (Ctrl-C in a terminal, ``pkill -f``, systemd stopping
-    the unit) reaches the data-loader workers too and kills them; the stop is still graceful.
+    def __init__(self, every: int, target_s: float = 0.5):
+        self.every, self.target_s = every, target_s
+        self.next = every or 1  # auto: read after the first step, then as its measured time says
+
+    def due(self, step: int) -> bool:
+        return step >= self.next
+
+    def schedule(self, step: int, seconds_per_step: float) -> None:
+        interval = self.every or max(1, min(1000, round(self.target_s / max(seconds_per_step, 1e-6))))
+        self.next = step + interval
+
+
+def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: TrainConfig, ctx: Context, norm,
+                    gen: torch.Generator, state: EpochState, thresholds, on_log=None, epoch: int = 0) -> EpochState:
+    """Train until the loader ends or a stop is agreed; ``state`` carries over a resumed epoch.
+
+    ``on_log(state)`` is called at each log point, after the accumulators were read (the only syncs).
+    Raises TrainingError when the loss stops being finite.
     """
-    it = iter(loader)
-    _let_workers_die_quietly_when_stopping()
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            if _workers_stopped(e, ctx):
-                return
-            raise
-        yield batch
-
-
-_STOP: threading.Event | None = None  # this process's stop request, once fit() has installed its handlers
-
-
-def _let_workers_die_quietly_when_stopping() -> None:
-    """Wrap torch's SIGCHLD handler (set when the first worker pool starts) so that, after a stop
-    was asked for, a worker's death is not raised in the middle of a step; the next fetch reports it.
-
-    torch raises "DataLoader worker ... is killed by signal" from inside the signal handler, i.e.
-    wherever the main thread happens to be (a convolution, the optimizer step).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    torch_handler = signal.getsignal(signal.SIGCHLD)
-    if getattr(torch_handler, "retino", False) or not callable(torch_handler):
-        return
-
-    def handler(signum, frame):
-        if _STOP is not None and _STOP.is_set():
-            return
-        torch_handler(signum, frame)
-    handler.retino = True
-    signal.signal(signal.SIGCHLD, handler)
-
-
-def _workers_stopped(error: BaseException, ctx) -> bool:
-    """The loader's workers died of the stop signal itself (single process; see ``_batches``)."""
-    return ctx.world == 1 and ctx.stop.is_set() and "DataLoader worker" in str(error)
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen, state: EpochState,
-                    thresholds, on_step=None) -> EpochState:
-    """Train until the loader ends or a stop is asked for; ``state`` carries over a resumed epoch."""
     model.train()
-    for images, labels in _batches(loader, ctx):
+    thr = torch.tensor(list(thresholds), dtype=torch.float32, device=ctx.device)
+    state.to(ctx.device)
+    cadence, t_last, step_last = Cadence(cfg.log_every), time.monotonic(), state.step
+    for images, labels in lifecycle.batches(loader):
         x = to_input(images, ctx.device, norm, mode=cfg.augment, gen=gen, interpolation=cfg.interpolation,
                      channels_last=cfg.channels_last)  # (B, 3, H, W)
-        y = labels.to(ctx.device, non_blocking=True)
+        y = labels.to(ctx.device, non_blocking=True)  # (B,)
         with autocast(cfg, ctx.device):
             out = model(x)  # (B, 5) logits or (B, 1) score
-            loss = criterion(out.float().view(-1), y.float()) if cfg.head == "regress" else criterion(out.float(), y)
+        loss = criterion(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        preds, scores, _ = outputs_to_predictions(out.detach(), cfg.head, thresholds)
-        state.loss_sum += loss.item() * len(y)
-        state.correct += int((preds == labels.numpy()).sum())
-        state.seen += len(y)
+        n = len(labels)
+        finite = torch.isfinite(loss.detach())
+        state.bad_step = torch.where(~finite & (state.bad_step < 0), state.step + 1, state.bad_step)
+        state.loss_sum += loss.detach().double() * n
+        state.correct += (grades_of(out.detach(), cfg.head, thr) == y).sum()
+        state.seen += n
         state.step += 1
-        if cfg.head == "regress":
-            state.scores.extend(scores.tolist())
-            state.labels.extend(labels.tolist())
-        if on_step:
-            on_step(state)
-        if ctx.should_stop():
+        stop = lifecycle.STOP.is_set()
+        if ctx.world == 1 and not stop and not cadence.due(state.step):
+            continue  # a single process reads its stop flag for free; ranks agree at log points only
+        if ctx.world > 1 and not cadence.due(state.step):
+            continue
+        now = time.monotonic()
+        stop, slowest = ctx.agree(stop, (now - t_last) / max(1, state.step - step_last))
+        cadence.schedule(state.step, slowest)
+        t_last, step_last = now, state.step
+        _check_finite(state, cfg, epoch)
+        if on_log:
+            on_log(state)
+        if stop:
             break
+    _check_finite(state, cfg, epoch)
     return state
 
 
+def _check_finite(state: EpochState, cfg: TrainConfig, epoch: int) -> None:
+    bad = int(state.bad_step)
+    if bad >= 0:
+        raise TrainingError(f"loss became NaN at epoch {epoch} step {bad} (or infinite; lr {cfg.lr:g}): "
+                            f"lower --lr")
+
+
 @torch.inference_mode()
-def evaluate(model, loader, cfg, device, criterion, norm, thresholds, prefix="test_") -> dict:
-    """Loss and every metric of :func:`retino.metrics.classification_metrics` on a split."""
-    model.eval()
-    loss_sum, n, all_preds, all_ref, all_y = 0.0, 0, [], [], []
-    for images, labels in loader:
-        x = to_input(images, device, norm, channels_last=cfg.channels_last)
-        y = labels.to(device)
-        with autocast(cfg, device):
-            out = model(x)
-        loss = criterion(out.float().view(-1), y.float()) if cfg.head == "regress" else criterion(out.float(), y)
-        preds, _, ref = outputs_to_predictions(out, cfg.head, thresholds)
-        loss_sum += loss.item() * len(y)
-        n += len(y)
-        all_preds.append(preds), all_ref.append(ref), all_y.append(labels.numpy())
-    y_true, y_pred = np.concatenate(all_y), np.concatenate(all_preds)
-    out = metrics.classification_metrics(y_true, y_pred, referable_score=np.concatenate(all_ref), prefix=prefix)
-    out[f"{prefix}loss"] = loss_sum / max(n, 1)
-    return out
+def validate(model, loader, *, cfg: TrainConfig, ctx: Context, norm) -> np.ndarray | None:
+    """This split's raw outputs, (N, 5) logits or (N, 1) scores as float32, in split order.
 
-
-# ----------------------------------------------------------------------------- the run
-
-class Heartbeat(threading.Thread):
-    """Rewrites status.json every few seconds, so a live run is never mistaken for a dead one."""
-
-    def __init__(self, run_dir: Path, status: dict, every: float = 2.0, progress_every: float = 0.5):
-        super().__init__(daemon=True)
-        self.run_dir, self.status, self.every, self.progress_every = run_dir, status, every, progress_every
-        self.lock, self.done = threading.Lock(), threading.Event()
-        self.written = 0.0
-
-    def _write(self) -> None:
-        runs.write_status(self.run_dir, **self.status)
-        self.written = time.monotonic()
-
-    def update(self, **fields) -> None:
-        """Record and write now (state changes, epoch ends)."""
-        with self.lock:
-            self.status.update(fields)
-            self._write()
-
-    def progress(self, **fields) -> None:
-        """Record a step's figures; written at most every ``progress_every`` s (a GPU takes dozens of
-        steps a second, and each write is a read, a rename and two fsyncs). ``update`` and the
-        heartbeat write whatever was recorded last."""
-        with self.lock:
-            self.status.update(fields)
-            if time.monotonic() - self.written >= self.progress_every:
-                self._write()
-
-    def run(self) -> None:
-        while not self.done.wait(self.every):
-            with self.lock:
-                self._write()
-
-
-class StoppedWhileQueued(Exception):
-    """Stop was asked for before the run got its device."""
-
-
-@contextlib.contextmanager
-def device_queue(run_dir: Path, device: torch.device, beat: Heartbeat, stop: threading.Event):
-    """Hold the device's lock while training: runs on one device wait their turn, state ``queued``.
-
-    The lock is released by the kernel when its holder dies, so a killed run never blocks the queue.
+    Each rank evaluates its shard; rank 0 gathers and returns the whole split, other ranks None.
+    One host copy per split, at the end.
     """
-    lock_dir = run_dir.parent / ".locks"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / f"{device.type}{device.index or 0}.lock", "w") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if stop.is_set():
-                    raise StoppedWhileQueued from None
-                if beat.status.get("state") != "queued":
-                    beat.update(state="queued")
-                time.sleep(0.5)
-        yield
+    model.eval()
+    outs = []
+    for images, _ in loader:
+        x = to_input(images, ctx.device, norm, channels_last=cfg.channels_last)
+        with autocast(cfg, ctx.device):
+            outs.append(model(x).float())
+    mine = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, 1 if cfg.head == "regress" else 5), np.float32)
+    if ctx.world == 1:
+        return mine
+    shards = [None] * ctx.world
+    dist.all_gather_object(shards, mine)
+    if not ctx.main:
+        return None
+    n = sum(len(s) for s in shards)
+    whole = np.empty((n, mine.shape[1]), np.float32)
+    for r, shard in enumerate(shards):  # rank r held items r, r + world, ...
+        whole[r::ctx.world] = shard
+    return whole
 
 
-def _install_stop_handlers(ctx: Context) -> None:
-    global _STOP
-    from . import _signals
-    _STOP = ctx.stop
-    if _signals.STOP.is_set():  # asked before training code was even loaded
-        ctx.stop.set()
+def split_metrics(outputs: np.ndarray, labels: np.ndarray, *, head: str, thresholds, criterion,
+                  prefix: str) -> dict:
+    """Loss and every metric of :func:`retino.metrics.classification_metrics` from a split's outputs."""
+    out = torch.from_numpy(outputs)
+    loss = float(criterion(out, torch.tensor(labels))) if len(labels) else math.nan
+    if head == "regress":
+        score = outputs.reshape(-1).astype(np.float64)
+        pred, ref = metrics.apply_thresholds(score, thresholds), score
+    else:
+        probs = out.softmax(1).numpy()
+        pred, ref = probs.argmax(1), metrics.referable_score_from_probs(probs)
+    row = metrics.classification_metrics(labels, pred, referable_score=ref, prefix=prefix)
+    row[f"{prefix}loss"] = loss
+    return row
 
-    def handler(signum, frame):
-        ctx.stop.set()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
 
+# ----------------------------------------------------------------------------- checkpoints
 
 _RESUME_ONLY = ("optimizer", "scheduler", "partial", "aug_rng")
 
 
-def _checkpoint(model, optimizer, scheduler, cfg, dataset_info, epoch, partial, gen, thresholds, best, norm):
+def unwrap(model):
     net = model.module if hasattr(model, "module") else model
-    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
-    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "partial": partial, "aug_rng": gen.get_state(), "thresholds": list(thresholds),
-            "best_qwk": best, "config": cfg.to_dict(), "dataset": dataset_info,
+    return getattr(net, "_orig_mod", net)  # torch.compile wrapper
+
+
+def make_checkpoint(*, model, optimizer, scheduler, cfg, dataset_info, epoch, partial, gen, thresholds,
+                    best, best_epoch, norm, row=None) -> dict:
+    """A plain dict (torchvision references' style): weights, optimizer, where the run is, its config.
+
+    ``row`` is the epoch's metrics line, so a resume can restore a line torn off metrics.jsonl.
+    """
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "partial": partial, "aug_rng": gen.get_state(),
+            "thresholds": list(thresholds), "best_qwk": best, "best_epoch": best_epoch, "selected_on": "val",
+            "config": cfg.to_dict(), "dataset": dataset_info, "row": row,
             "norm": {"mean": list(norm[0]), "std": list(norm[1])}}
 
 
-def _oom_message(cfg: TrainConfig) -> str:
-    return (f"CUDA out of memory at batch size {cfg.batch_size} and image size {cfg.image_size}: "
-            f"lower --batch-size (e.g. {max(1, cfg.batch_size // 2)}) or --image-size")
+def for_predicting(ckpt: dict) -> dict:
+    """best.pt: the weights without the optimizer (a third of the size)."""
+    return {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY}
 
+
+# ----------------------------------------------------------------------------- the run
 
 def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir`` (or continue it from last.pt); returns the best epoch's metrics."""
     cfg.validate()
     run_dir = Path(run_dir)
     ctx = setup_context(cfg)
-    _install_stop_handlers(ctx)
+    lifecycle.install_stop_handlers()
     beat = None
-    if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        beat = Heartbeat(run_dir, {"state": "running", "pid": os.getpid(), "epoch": 0, "step": 0,
-                                   "epochs": cfg.epochs, "error": None, "started": time.time()})
-        beat.update()
-        beat.start()
-    try:
-        queue = (device_queue(run_dir, ctx.device, beat, ctx.stop) if ctx.main and ctx.world == 1
-                 else contextlib.nullcontext())
-        with queue:
+    with (lifecycle.run_lock(run_dir) if ctx.main else contextlib.nullcontext()):
+        if ctx.main:
+            beat = lifecycle.Heartbeat(run_dir, {"state": "starting", "pid": os.getpid(), "epoch": 0, "step": 0,
+                                                 "epochs": cfg.epochs, "error": None, "started": time.time(),
+                                                 "phase": "starting"})
+            beat.update()
+            beat.start()
+        try:
+            queue = (lifecycle.device_queue(run_dir, ctx.device, beat) if ctx.main and ctx.world == 1
+                     else contextlib.nullcontext())
+            with queue:
+                if beat:
+                    beat.update(state="running")
+                result = _fit(cfg, run_dir, ctx, beat, resume, progress)
             if beat:
-                beat.update(state="running")
-            result = _fit(cfg, run_dir, ctx, beat, resume, progress)
-        if beat:
-            beat.update(state="stopped" if ctx.stop.is_set() else "completed", eta_s=0)
-        return result
-    except StoppedWhileQueued:
-        beat.update(state="stopped", eta_s=0)
-        return {"stopped_at": {"epoch": 0, "step": 0}}
-    except BaseException as e:
-        if beat:
-            oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-            message = _oom_message(cfg) if oom else f"{type(e).__name__}: {e}"
-            beat.update(state="failed", error=message)
-        raise
-    finally:
-        if beat:
-            beat.done.set()
-        if ctx.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+                beat.update(state="stopped" if lifecycle.STOP.is_set() else "completed", eta_s=0, phase=None)
+            return result
+        except lifecycle.StoppedWhileQueued:
+            beat.update(state="stopped", eta_s=0)
+            return {"stopped_at": {"epoch": 0, "step": 0}}
+        except BaseException as e:
+            if beat:
+                beat.update(state="failed", error=lifecycle.failure_message(
+                    e, batch_size=cfg.batch_size, image_size=cfg.image_size))
+            raise
+        finally:
+            if beat:
+                beat.done.set()
+            if ctx.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, resume: bool, progress: bool) -> dict:
+def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, progress: bool) -> dict:
     from tqdm import tqdm
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    ds = read_dataset(cfg.data)
     show = progress and ctx.main
-    train_split = load_split(ds.splits["train"], cfg, progress=show, desc="cache train")
-    test_split = load_split(ds.splits["test"], cfg, progress=show, desc="cache test")
-    train_loader = make_loader(train_split, cfg, ctx, train=True)
-    test_loader = make_loader(test_split, cfg, ctx, train=False)
-    dataset_info = {**ds.describe(), "skipped": [{"file": p, "error": e} for p, e in
-                                                train_split.skipped + test_split.skipped]}
 
+    # data: train / val / test, each checked before a single step
+    ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
+    splits = {}
+    for name in ("train", "val", "test"):
+        if beat:
+            beat.update(phase=f"caching {name} images")
+        splits[name] = load_split(ds.splits[name], cfg, progress=show, desc=f"cache {name}")
+        check_split(splits[name], name, cfg.data)
+    train_loader = make_loader(splits["train"], cfg, ctx, train=True)
+    eval_loaders = {name: make_loader(splits[name], cfg, ctx, train=False) for name in ("val", "test")}
+    dataset_info = {**ds.describe(), "skipped": [{"file": p, "error": e} for s in splits.values()
+                                                for p, e in s.skipped]}
+
+    # model, optimiser, criterion
     model = build_model(cfg.arch, pretrained=cfg.pretrained, head=cfg.head, weights_path=cfg.weights or None)
     norm = normalization(cfg.arch, cfg.pretrained)
     model.to(ctx.device)
@@ -441,35 +428,34 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = math.ceil(train_loader.sampler.per_rank / cfg.batch_size)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    criterion = make_criterion(cfg, train_split.labels, ctx.device)
+    criterion = make_criterion(cfg, splits["train"].labels)
     gen = torch.Generator()
-    thresholds, best, start_epoch, partial = [0.5, 1.5, 2.5, 3.5], -math.inf, 1, None
+    thresholds, best, best_epoch, start_epoch, partial = list(DEFAULT_THRESHOLDS), -math.inf, 0, 1, None
 
-    if resume:
+    if resume and (run_dir / "last.pt").is_file():
         ckpt = runs.load_checkpoint(run_dir / "last.pt")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         thresholds, best = list(ckpt["thresholds"]), float(ckpt["best_qwk"])
-        partial = ckpt.get("partial")
-        start_epoch = ckpt["epoch"] + 1
+        best_epoch = int(ckpt.get("best_epoch") or 0)
+        partial, start_epoch = ckpt.get("partial"), ckpt["epoch"] + 1
         if partial is not None:
             gen.set_state(ckpt["aug_rng"])
         if ctx.main:
-            runs.truncate_metrics(run_dir, ckpt["epoch"])
+            runs.reconcile(run_dir, ckpt, for_predicting)
     elif ctx.main:
-        runs.write_json(run_dir / "config.json", {
-            "train": cfg.to_dict(), "dataset": dataset_info, "created": time.time(),
-            "versions": {"retino": __import__("retino").__version__, "torch": torch.__version__,
-                         "python": sys.version.split()[0]},
-            "norm": {"mean": list(norm[0]), "std": list(norm[1])}, "world_size": ctx.world,
-            "device": str(ctx.device)})
+        runs.reconcile(run_dir, None, for_predicting)  # a fresh start (or a resume before any epoch)
+        runs.write_config(run_dir, cfg.to_dict(), dataset=dataset_info, norm=norm, world=ctx.world,
+                          device=str(ctx.device), data_fingerprint=ds.fingerprint() if hasattr(ds, "fingerprint")
+                          else runs.labels_fingerprint(ds.splits))
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if cfg.compile and ctx.device.type == "cuda":
+    if cfg.compile:
         model = torch.compile(model)
 
+    eta = _Eta(cfg, steps_per_epoch, n_eval=len(splits["val"].frame) + len(splits["test"].frame))
     for epoch in range(start_epoch, cfg.epochs + 1):
         state = EpochState.from_dict(partial) if partial is not None else EpochState()
         if partial is None:
@@ -478,65 +464,156 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat: Heartbeat | None, 
         train_loader.sampler.set_epoch(epoch, start=state.step * cfg.batch_size)
         t0, seen0 = time.time(), state.seen
         bar = tqdm(total=steps_per_epoch, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not (progress and ctx.main), leave=False)
+                   disable=not show, leave=False)
+        if beat:
+            beat.update(phase="training", epoch=epoch, step=state.step, steps=steps_per_epoch)
 
-        def on_step(s: EpochState) -> None:
-            bar.update()
+        def on_log(s: EpochState) -> None:
+            bar.update(s.step - bar.n)
             if beat:
-                rate = (s.seen - seen0) * ctx.world / max(time.time() - t0, 1e-6)
-                left = (steps_per_epoch - s.step) + (cfg.epochs - epoch) * (steps_per_epoch + 0.15 * steps_per_epoch)
+                loss = float(s.loss_sum) / max(s.seen, 1)
+                rate = eta.observe(s.seen * ctx.world)
                 beat.progress(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
-                              eta_s=round(left * cfg.batch_size * ctx.world / max(rate, 1e-6)),
-                              train_loss=s.loss_sum / max(s.seen, 1))
+                              eta_s=eta.seconds_left(epoch, s.step), train_loss=loss,
+                              **_step_log(beat, epoch, s.step, steps_per_epoch, loss, optimizer))
 
-        def stopped_here() -> dict:
+        def save_partial() -> dict:
             """Save this epoch as far as it got (a partial epoch in last.pt), so Resume continues it."""
             if ctx.main:
-                runs.save_checkpoint(run_dir / "last.pt", _checkpoint(
-                    model, optimizer, scheduler, cfg, dataset_info, epoch - 1, state.as_dict(), gen,
-                    thresholds, best, norm))
+                runs.save_checkpoint(run_dir / "last.pt", make_checkpoint(
+                    model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, dataset_info=dataset_info,
+                    epoch=epoch - 1, partial=state.as_dict(), gen=gen, thresholds=thresholds, best=best,
+                    best_epoch=best_epoch, norm=norm))
             return {"stopped_at": {"epoch": epoch, "step": state.step}}
 
-        state = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, cfg, ctx, norm, gen,
-                                state, thresholds, on_step)
+        eta.start_epoch(state.seen * ctx.world)
+        state = train_one_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+                                cfg=cfg, ctx=ctx, norm=norm, gen=gen, state=state, thresholds=thresholds,
+                                on_log=on_log, epoch=epoch)
         bar.close()
-        if ctx.stop.is_set() and state.step < steps_per_epoch:  # mid-epoch
-            return stopped_here()
+        if lifecycle.STOP.is_set() and state.step < steps_per_epoch:  # mid-epoch
+            return save_partial()
         train_seconds = time.time() - t0
-        if cfg.head == "regress":  # thresholds optimised for QWK on this epoch's training predictions
-            thresholds = metrics.fit_thresholds(np.array(state.scores), np.array(state.labels))
-        row = None
+        if beat:
+            beat.update(phase="validating")
+        t_eval = time.time()
+        try:
+            outputs = {name: validate(model, loader, cfg=cfg, ctx=ctx, norm=norm)
+                       for name, loader in eval_loaders.items()}
+        except RuntimeError as e:
+            if not lifecycle.workers_stopped(e, ctx.world):
+                raise
+            return save_partial()  # trained but not evaluated: Resume goes straight to the evaluation
+        eta.eval_took(time.time() - t_eval)
         if ctx.main:
-            net = model.module if hasattr(model, "module") else model
-            try:
-                test = evaluate(net, test_loader, cfg, ctx.device, criterion, norm, thresholds)
-            except RuntimeError as e:
-                if not _workers_stopped(e, ctx):
-                    raise
-                return stopped_here()  # trained but not evaluated: Resume goes straight to the evaluation
-            row = {"epoch": epoch, "train_loss": state.loss_sum / max(state.seen, 1),
-                   "train_acc": state.correct / max(state.seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                   **test,
-                   "thresholds": list(thresholds) if cfg.head == "regress" else None,
-                   "train_images_per_s": (state.seen - seen0) * ctx.world / max(train_seconds, 1e-6),
-                   "seconds": time.time() - t0}
-            is_best = row["test_qwk"] > best
-            best = max(best, row["test_qwk"])
-            # metrics before last.pt: a kill in between leaves last.pt one epoch behind, and a resume
-            # truncates metrics.jsonl to last.pt's epoch and replays it, so epochs stay consecutive.
+            if cfg.head == "regress":  # thresholds optimised for QWK on val predictions, never on test
+                thresholds = metrics.fit_thresholds(outputs["val"].reshape(-1), splits["val"].labels)
+            row = {"epoch": epoch, "train_loss": float(state.loss_sum) / max(state.seen, 1),
+                   "train_acc": int(state.correct) / max(state.seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+            for name in ("val", "test"):
+                row.update(split_metrics(outputs[name], splits[name].labels, head=cfg.head, thresholds=thresholds,
+                                         criterion=criterion, prefix=f"{name}_"))
+            row.update(thresholds=list(thresholds) if cfg.head == "regress" else None, selected_on="val",
+                       train_images_per_s=(state.seen - seen0) * ctx.world / max(train_seconds, 1e-6),
+                       seconds=time.time() - t0)
+            is_best = row["val_qwk"] > best
+            if is_best:
+                best, best_epoch = row["val_qwk"], epoch
+            ckpt = make_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                                   dataset_info=dataset_info, epoch=epoch, partial=None, gen=gen,
+                                   thresholds=thresholds, best=best, best_epoch=best_epoch, norm=norm,
+                                   row=runs.json_safe(row))
+            # metrics, then last.pt, then best.pt: a kill between two of them leaves a folder that a
+            # resume reconciles exactly (runs.reconcile): metrics ahead of last.pt are replayed, a
+            # best.pt behind last.pt's best epoch is rewritten from last.pt.
+            lifecycle.save_point("before-metrics", epoch)
             runs.append_metrics(run_dir, row)
-            ckpt = _checkpoint(model, optimizer, scheduler, cfg, dataset_info, epoch, None, gen, thresholds, best, norm)
-            if is_best:  # best.pt is for predicting: the weights without the optimizer (a third of the size)
-                runs.save_checkpoint(run_dir / "best.pt", {k: v for k, v in ckpt.items() if k not in _RESUME_ONLY})
+            lifecycle.save_point("before-last", epoch)
             runs.save_checkpoint(run_dir / "last.pt", ckpt)
-            beat.update(epoch=epoch, step=steps_per_epoch, best_qwk=best, test_qwk=row["test_qwk"],
+            lifecycle.save_point("before-best", epoch)
+            if is_best:
+                runs.save_checkpoint(run_dir / "best.pt", for_predicting(ckpt))
+            beat.update(epoch=epoch, step=steps_per_epoch, best_qwk=best, best_epoch=best_epoch,
+                        val_qwk=row["val_qwk"], val_acc=row["val_acc"], test_qwk=row["test_qwk"],
                         test_acc=row["test_acc"])
             if progress:
                 print(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-                      f"train_acc {row['train_acc']:.3f}  test_acc {row['test_acc']:.3f}  "
-                      f"test_qwk {row['test_qwk']:.3f}  ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+                      f"train_acc {row['train_acc']:.3f}  val_acc {row['val_acc']:.3f}  "
+                      f"val_qwk {row['val_qwk']:.3f}  ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
         if ctx.world > 1:
             dist.barrier()
-        if ctx.should_stop():
+        stop, _ = ctx.agree(lifecycle.STOP.is_set(), 0.0)
+        if stop and epoch < cfg.epochs:
             return {"stopped_at": {"epoch": epoch, "step": steps_per_epoch}}
-    return (best_row(runs.read_metrics(run_dir)) or {}) if ctx.main else {}
+
+    _final_evaluation(cfg, run_dir, ctx, beat, model, eval_loaders, splits, norm)
+    if ctx.main and not cfg.keep_last:
+        (run_dir / "last.pt").unlink(missing_ok=True)  # 134 MB for a ResNet18; --keep-last keeps it
+    return (runs.best_row(runs.read_metrics(run_dir)) or {}) if ctx.main else {}
+
+
+def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loaders, splits, norm) -> None:
+    """The chosen checkpoint (best.pt, by val QWK) on val and test, once: predictions.csv and test.json."""
+    from .evaluate import write_evaluation
+    if beat:
+        beat.update(phase="evaluating the chosen checkpoint on test")
+    best = runs.load_checkpoint(run_dir / "best.pt", map_location=ctx.device) if ctx.main else None
+    if ctx.world > 1:
+        holder = [best["model"] if best else None]
+        dist.broadcast_object_list(holder, src=0)
+        state = holder[0]
+    else:
+        state = best["model"]
+    unwrap(model).load_state_dict(state)
+    outputs = {name: validate(model, loader, cfg=cfg, ctx=ctx, norm=norm) for name, loader in eval_loaders.items()}
+    if ctx.main:
+        write_evaluation(run_dir, {name: (splits[name].frame, outputs[name]) for name in outputs},
+                         head=cfg.head, thresholds=list(best["thresholds"]), epoch=int(best["epoch"]),
+                         target_sensitivity=cfg.target_sensitivity)
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _Eta:
+    """Time left from the measured rate of recent steps (not the first, slow ones) plus evaluation."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, n_eval: int):
+        self.cfg, self.steps, self.n_eval = cfg, steps_per_epoch, n_eval
+        self.rate, self.eval_s = 0.0, None
+        self.t, self.seen = time.monotonic(), 0
+
+    def start_epoch(self, seen: int) -> None:
+        self.t, self.seen = time.monotonic(), seen
+
+    def observe(self, seen: int) -> float:
+        now = time.monotonic()
+        if seen > self.seen and now > self.t:
+            recent = (seen - self.seen) / (now - self.t)
+            self.rate = recent if self.rate == 0 else 0.7 * self.rate + 0.3 * recent
+        self.t, self.seen = now, seen
+        return self.rate
+
+    def eval_took(self, seconds: float) -> None:
+        self.eval_s = seconds
+
+    def seconds_left(self, epoch: int, step: int) -> int:
+        if self.rate <= 0:
+            return 0
+        steps_left = (self.steps - step) + (self.cfg.epochs - epoch) * self.steps
+        evals_left = self.cfg.epochs - epoch + 2  # this epoch's, later ones', and the final evaluation
+        # before the first evaluation, guess it from the training rate (no backward pass: ~3x as fast)
+        per_eval = self.eval_s if self.eval_s is not None else self.n_eval / (3 * self.rate)
+        return round(steps_left * self.cfg.batch_size / self.rate + evals_left * per_eval)
+
+
+STEP_LOG_LEN = 200  # points of the live loss curve kept in status.json
+
+
+def _step_log(beat, epoch: int, step: int, steps_per_epoch: int, loss: float, optimizer) -> dict:
+    """The live curve's next point (global step, epoch loss so far, lr), at most STEP_LOG_LEN kept."""
+    log = list(beat.status.get("step_log") or [])
+    log.append({"step": (epoch - 1) * steps_per_epoch + step, "epoch": epoch, "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"]})
+    if len(log) > STEP_LOG_LEN:
+        log = log[::2]  # halve the resolution instead of forgetting the start
+    return {"step_log": log}

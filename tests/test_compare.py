@@ -29,6 +29,9 @@ def test_best_epoch_is_max_qwk_not_max_accuracy_nor_last():
     assert compare.pick_row(rows, "last")["epoch"] == 3
     assert compare.best_row([row(1, 0.5, 0.7), row(2, 0.5, 0.9)])["epoch"] == 1  # ties: the earliest
     assert compare.best_row([]) is None
+    chosen_on_val = [row(1, 0.9, 0.8, val_qwk=0.2), row(2, 0.1, 0.7, val_qwk=0.5)]
+    assert compare.best_row(chosen_on_val)["epoch"] == 2  # validation decides, even where test disagrees
+    assert compare.run_table([run("v", chosen_on_val)])["best_qwk"][0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="best or last"):
         compare.pick_row(rows, "first")
 

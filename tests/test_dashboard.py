@@ -64,9 +64,12 @@ def test_predict_candidates_need_a_best_checkpoint(tmp_path):
     ({"state": "starting"}, 0.0, "starting"),
     ({"state": "queued"}, 0.0, "starting"),  # launched, its process not yet up
     ({"state": "queued", "started": 1.0}, 0.0, "queued: waiting for the device"),
-    ({"state": "running", "started": 1.0, "epoch": 0, "cache": {"split": "train", "done": 30, "total": 120}},
-     0.25, "building the image cache train: 30/120 images"),
-    ({"state": "running", "epoch": 2, "epochs": 4, "step": 1, "steps": 4}, 0.3125, "epoch 2/4 · step 1/4"),
+    ({"state": "running", "started": 1.0, "epoch": 0, "phase": "caching train images"}, 0.0,
+     "caching train images: decoded once per data set and image size"),
+    ({"state": "running", "epoch": 2, "epochs": 4, "step": 1, "steps": 4, "phase": "training"}, 0.3125,
+     "epoch 2/4 · step 1/4"),
+    ({"state": "running", "epoch": 2, "epochs": 4, "step": 4, "steps": 4, "phase": "validating"}, 0.5,
+     "epoch 2/4 · step 4/4 · validating"),
 ])
 def test_progress_says_what_a_live_run_is_doing(status, fraction, text):
     got, said = dashboard.progress(status)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -15,8 +16,11 @@ GRADES = [0, 0, 1, 2, 0, 3, 4, 0, 2, 1, 0, 0]
 
 
 def _img(path: Path, fmt="JPEG", size=(40, 30)):
+    """A small image whose colour depends on its name: two files with equal bytes would be a leak."""
+    import zlib
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (120, 40, 20)).save(path, fmt)
+    c = zlib.crc32(path.stem.encode())
+    Image.new("RGB", size, (c & 255, (c >> 8) & 255, (c >> 16) & 255)).save(path, fmt)
 
 
 def names(n=len(GRADES)):
@@ -35,8 +39,8 @@ def make_kaggle(root: Path, rows=None, header="image,level", ext=".jpeg"):
 def test_kaggle_layout_single_split_is_by_patient(tmp_path):
     ds = read_dataset(make_kaggle(tmp_path))
     assert ds.layout == "kaggle" and ds.split["method"] == "stratified-by-patient"
-    train, test = ds.splits["train"], ds.splits["test"]
-    assert len(train) + len(test) == len(GRADES)
+    train, val, test = ds.splits["train"], ds.splits["val"], ds.splits["test"]
+    assert len(train) + len(val) + len(test) == len(GRADES)
     assert not set(train["patient"]) & set(test["patient"])
     assert set(train["eye"]) <= {"left", "right"}
     again = read_dataset(tmp_path)  # seeded: the same split every time
@@ -78,7 +82,8 @@ def test_lab_layout(tmp_path, with_header, subfolder):
             _img(tmp_path / subfolder / f"{n}.jpeg")
     ds = read_dataset(tmp_path)
     assert ds.layout == "lab"
-    assert list(ds.splits["train"]["grade"]) == GRADES[:8]
+    train = pd.concat([ds.splits["train"], ds.splits["val"]]).sort_index(kind="stable")
+    assert dict(zip(train["image"], train["grade"])) == dict(zip(names()[:8], GRADES[:8]))
     assert list(ds.splits["test"]["image"]) == names()[8:12]
 
 
@@ -89,7 +94,7 @@ def test_aptos_layout(tmp_path):
         _img(tmp_path / "train_images" / f"{i}.png", "PNG")
     ds = read_dataset(tmp_path)
     assert ds.layout == "aptos"
-    assert sorted(ds.splits["train"]["image"].tolist() + ds.splits["test"]["image"].tolist()) == sorted(ids)
+    assert sorted(sum((df["image"].tolist() for df in ds.splits.values()), [])) == sorted(ids)
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -99,7 +104,7 @@ def test_folder_per_grade(tmp_path, nested):
         _img(tmp_path / split / str(g) / f"{n}.jpg")
     ds = read_dataset(tmp_path)
     assert ds.layout == "folders"
-    total = sorted(np.concatenate([ds.splits[s]["grade"].to_numpy() for s in ("train", "test")]).tolist())
+    total = sorted(np.concatenate([ds.splits[s]["grade"].to_numpy() for s in ("train", "val", "test")]).tolist())
     assert total == sorted(GRADES)
     assert ds.split["method"] == ("given" if nested else "stratified-by-patient")
 
@@ -179,8 +184,7 @@ def test_messy_csv_is_accepted(tmp_path):
     for n in ns:
         _img(root / "train" / f"{n}.jpeg")
     ds = read_dataset(root)
-    got = dict(zip(ds.splits["train"]["image"].tolist() + ds.splits["test"]["image"].tolist(),
-                   ds.splits["train"]["grade"].tolist() + ds.splits["test"]["grade"].tolist()))
+    got = {i: g for df in ds.splits.values() for i, g in zip(df["image"], df["grade"])}
     assert len(got) == len(ns)
     assert got == dict(zip(ns, GRADES))
 
@@ -200,7 +204,7 @@ def test_truncated_and_garbage_images_are_problems_not_errors(tmp_path):
     problems = {Path(p["file"]).name: p["error"] for p in report["problems"]}
     assert set(problems) == {"1_right.jpeg", "2_left.jpeg", "2_right.jpeg"}
     assert "truncated" in problems["1_right.jpeg"] and "empty" in problems["2_right.jpeg"]
-    counts = np.add(report["splits"]["train"]["counts"], report["splits"]["test"]["counts"])
+    counts = np.sum([s["counts"] for s in report["splits"].values()], axis=0)
     assert counts.tolist() == np.bincount(GRADES, minlength=5).tolist()
 
 
@@ -214,7 +218,7 @@ def test_stats_cli_json_and_exit_codes(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["layout"] == "kaggle"
-    assert sum(report["splits"]["train"]["counts"]) + sum(report["splits"]["test"]["counts"]) == len(GRADES)
+    assert sum(sum(s["counts"]) for s in report["splits"].values()) == len(GRADES)
     assert report["problems"] == []
     bad = _cli("stats", str(tmp_path / "missing"))
     assert bad.returncode == 2
@@ -227,3 +231,144 @@ def test_real_eyepacs_sample_reads():
     assert report["layout"] == "kaggle"
     n = sum(sum(s["counts"]) for s in report["splits"].values())
     assert n == 50 and report["problems"] == []
+
+
+# ----------------------------------------------------------------------------- the val split (issue 10)
+
+def _patients(ds):
+    return {s: set(df["patient"]) for s, df in ds.splits.items()}
+
+
+def _assert_disjoint_three_splits(ds):
+    assert list(ds.splits) == ["train", "val", "test"]
+    assert all(len(df) for df in ds.splits.values())
+    pats = _patients(ds)
+    assert not pats["train"] & pats["val"] and not pats["train"] & pats["test"] and not pats["val"] & pats["test"]
+    assert ds.split["patients"] == {s: len(p) for s, p in pats.items()}
+
+
+def make_retino(root: Path, val=False):
+    parts = (("train", range(0, 8)), ("val", range(8, 10)), ("test", range(10, 12))) if val else \
+        (("train", range(0, 8)), ("test", range(8, 12)))
+    for split, idx in parts:
+        (root / f"{split}.csv").write_text("image,level\n" + "".join(f"{names()[i]},{GRADES[i]}\n" for i in idx))
+        for i in idx:
+            _img(root / "images" / f"{names()[i]}.jpeg")
+    return root
+
+
+def make_lab(root: Path, val=False):
+    parts = (("train", range(0, 8)), ("val", range(8, 10)), ("test", range(10, 12))) if val else \
+        (("train", range(0, 8)), ("test", range(8, 12)))
+    for split, idx in parts:
+        (root / f"{split}_img.csv").write_text("".join(f"{names()[i]}\n" for i in idx))
+        (root / f"{split}_label.csv").write_text("".join(f"{GRADES[i]}\n" for i in idx))
+        for i in idx:
+            _img(root / "images" / f"{names()[i]}.jpeg")
+    return root
+
+
+def make_folders(root: Path, nested=False, val=False):
+    for i, (n, g) in enumerate(zip(names(), GRADES)):
+        split = ("test" if i >= 10 else "val" if (val and i >= 8) else "train") if nested else ""
+        _img(root / split / str(g) / f"{n}.jpg")
+    return root
+
+
+def make_aptos(root: Path):
+    (root / "train.csv").write_text("id_code,diagnosis\n" + "".join(f"{n},{g}\n" for n, g in zip(names(), GRADES)))
+    for n in names():
+        _img(root / "train_images" / f"{n}.png", "PNG")
+    return root
+
+
+def make_kaggle_with_test(root: Path):
+    make_kaggle(root)
+    (root / "retinopathy_solution.csv").write_text("image,level,Usage\n9_left,2,Public\n9_right,0,Private\n")
+    _img(root / "test" / "9_left.jpeg")
+    _img(root / "test" / "9_right.jpeg")
+    return root
+
+
+LAYOUT_MAKERS = {
+    "retino": make_retino, "lab": make_lab, "kaggle": make_kaggle, "kaggle+test": make_kaggle_with_test,
+    "aptos": make_aptos, "folders": make_folders, "folders-nested": lambda r: make_folders(r, nested=True),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUT_MAKERS)
+def test_val_split_is_carved_from_train_by_patient_for_every_layout(tmp_path, layout):
+    ds = read_dataset(LAYOUT_MAKERS[layout](tmp_path))
+    _assert_disjoint_three_splits(ds)
+    assert ds.split["val_given"] is False and ds.split["val_method"] == "stratified-by-patient"
+    assert ds.split["val_fraction"] == 0.1 and ds.split["val_seed"] == ds.split["seed"]
+    # the two eyes of a val patient are both in val
+    val = ds.splits["val"]
+    both = val.groupby("patient")["eye"].nunique()
+    assert (both == 2).all()
+    assert read_dataset(tmp_path).splits["val"].equals(val)   # seeded: the same every time
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "aptos", "folders"])
+def test_single_split_sets_keep_their_old_test_split(tmp_path, layout):
+    """The test side is byte-for-byte what it was before val existed: earlier runs stay comparable."""
+    import pandas as pd
+    ds = read_dataset(LAYOUT_MAKERS[layout](tmp_path))
+    everything = pd.concat([ds.splits[s] for s in ("train", "val", "test")]).sort_values("image")
+    old_train, old_test = split_by_patient(everything.reset_index(drop=True))
+    assert sorted(ds.splits["test"]["image"]) == sorted(old_test["image"])
+    assert sorted(ds.splits["train"]["image"].tolist() + ds.splits["val"]["image"].tolist()) == \
+        sorted(old_train["image"])
+    assert ds.split["method"] == "stratified-by-patient" and ds.split["test_fraction"] == 0.2
+
+
+@pytest.mark.parametrize("maker", [lambda r: make_retino(r, val=True), lambda r: make_lab(r, val=True),
+                                   lambda r: make_folders(r, nested=True, val=True)],
+                         ids=["retino val.csv", "lab val_img.csv", "folders val/"])
+def test_val_given_by_the_data_set_is_honoured(tmp_path, maker):
+    ds = read_dataset(maker(tmp_path))
+    _assert_disjoint_three_splits(ds)
+    assert sorted(ds.splits["val"]["image"]) == sorted(names()[8:10])
+    assert sorted(ds.splits["test"]["image"]) == sorted(names()[10:12])
+    assert ds.split["val_given"] is True and ds.split["val_method"] == "given"
+    assert "val_fraction" not in ds.split
+
+
+def test_val_fraction_parameter_and_large_set_is_stratified():
+    import pandas as pd
+    from retino.data.formats import carve_val
+    rng = np.random.default_rng(3)
+    rows = [(f"{p}_{e}", p, int(g)) for p, g in enumerate(rng.choice(5, 500, p=[.735, .07, .151, .025, .019]))
+            for e in ("left", "right")]
+    df = pd.DataFrame(rows, columns=["image", "patient", "grade"])
+    for fraction in (0.1, 0.25):
+        train, val = carve_val(df, fraction)
+        assert not set(train["patient"]) & set(val["patient"])
+        assert abs(val["patient"].nunique() / 500 - fraction) < 0.02
+        for g in range(5):
+            if (df["grade"] == g).sum() >= 20:
+                assert (val["grade"] == g).any()
+
+
+def test_read_dataset_val_fraction(tmp_path):
+    make_kaggle(tmp_path, rows=[(f"{p}_{e}", p % 5) for p in range(40) for e in ("left", "right")])
+    small, large = read_dataset(tmp_path, val_fraction=0.1), read_dataset(tmp_path, val_fraction=0.3)
+    assert small.split["patients"]["val"] < large.split["patients"]["val"]
+    assert small.splits["test"].equals(large.splits["test"])   # the fraction moves train <-> val only
+    assert large.split["val_fraction"] == 0.3 and large.describe()["split"]["val_fraction"] == 0.3
+    for bad in (0, 1, -0.1, 1.5, float("nan")):
+        with pytest.raises(DatasetError, match="val_fraction"):
+            read_dataset(tmp_path, val_fraction=bad)
+
+
+def test_describe_records_the_split_for_config_json(tmp_path):
+    d = read_dataset(make_retino(tmp_path)).describe()
+    json.dumps(d)
+    assert set(d["sizes"]) == {"train", "val", "test"} and sum(d["sizes"].values()) == len(GRADES)
+    assert {"method", "seed", "val_method", "val_seed", "val_fraction", "val_given", "patients"} <= set(d["split"])
+
+
+def test_stats_shows_three_splits(tmp_path):
+    report = stats(read_dataset(make_kaggle(tmp_path)))
+    assert list(report["splits"]) == ["train", "val", "test"]
+    assert sum(sum(s["counts"]) for s in report["splits"].values()) == len(GRADES)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retino.data import ImageError, ben_graham, crop_to_square, load_image, preprocess
+from retino.data import (MASK_FRACTION, ImageError, ben_graham, boundary_mask, crop_and_pad, crop_to_square,
+                         fundus_bbox, load_image, preprocess)
 
 
 def off_centre_fundus(w=400, h=300, cx=150, cy=160, r=110, clip_top=False):
@@ -42,6 +43,80 @@ def test_preprocess_size_and_ben_graham():
     assert bg[0, 0].tolist() == [128, 128, 128]  # outside 0.9 x radius is flat grey
     centre = bg[40:88, 40:88].astype(float)
     assert abs(centre.mean() - 128) < 20  # the local average colour is gone
+
+
+# ----------------------------------------------------------------------------- Ben Graham's boundary (issue 11)
+
+def clipped_fundus(seed: int, grade: int = 0, side: int = 300, cut: int = 45) -> np.ndarray:
+    """A synthetic fundus photographed as EyePACS does: its circle clipped at the top and bottom."""
+    from retino.data.synthetic import render_fundus
+    rgb, _ = render_fundus(grade, size=side, seed=seed)
+    rgb = rgb.copy()
+    rgb[:cut], rgb[-cut:] = 0, 0
+    return rgb
+
+
+@pytest.mark.parametrize("seed, grade", [(1, 0), (2, 4), (3, 2)])
+def test_ben_graham_boundary_mask_clipped_fundus_has_no_bright_bar(seed, grade):
+    size = 128
+    rgb = clipped_fundus(seed, grade)
+    top, bottom, _, _ = fundus_bbox(preprocess(rgb, size))      # the clipped edges in the model input
+    assert top > 5 and bottom < size - 5
+    out = preprocess(rgb, size, ben_graham_norm=True).astype(float)
+    cols = slice(size // 4, 3 * size // 4)                      # where the clipped edge is a straight chord
+    margin = int((1 - MASK_FRACTION) * size / 2)  # whole rows whose centre is nearer the edge
+    for edge_rows in (slice(top, top + margin + 4), slice(bottom - margin - 4, bottom)):
+        band = out[edge_rows, cols].mean(axis=(1, 2))
+        assert np.abs(band - 128).max() < 12, band.round()      # before the mask: ~210 at the edge
+    assert np.all(out[:top + margin] == 128) and np.all(out[bottom - margin:] == 128)
+    # the retina itself is kept: the centre still varies (vessels, lesions)
+    assert out[size // 2 - 10:size // 2 + 10, cols].std() > 3
+
+
+def test_ben_graham_without_the_box_estimates_the_clipped_edges():
+    square = preprocess(clipped_fundus(1), 128)
+    top, bottom, _, _ = fundus_bbox(square)
+    margin = int((1 - MASK_FRACTION) * 64)
+    assert np.all(ben_graham(square)[:top + margin] == 128)
+    assert np.array_equal(ben_graham(square), preprocess(clipped_fundus(1), 128, ben_graham_norm=True))
+
+
+def test_boundary_mask_circle_and_clipped_edges():
+    m = boundary_mask(64)
+    assert m.shape == (64, 64) and m.dtype == bool
+    assert m[32, 32] and not m[0, 0] and not m[32, 1] and m[32, 6]
+    assert abs(m.mean() - np.pi * (MASK_FRACTION * 32) ** 2 / 64 ** 2) < 0.02
+    clipped = boundary_mask(64, box=(12, 52, 0, 64))            # a fundus clipped top and bottom
+    margin = int((1 - MASK_FRACTION) * 32)
+    assert not clipped[:12 + margin].any() and not clipped[52 - margin:].any()
+    assert np.array_equal(clipped[20:44], m[20:44])
+
+
+def test_preprocess_returns_the_mask_it_applied():
+    rgb = clipped_fundus(2)
+    out, mask = preprocess(rgb, 96, ben_graham_norm=True, return_mask=True)
+    assert mask.shape == (96, 96) and np.all(out[~mask] == 128)
+    plain, mask2 = preprocess(rgb, 96, return_mask=True)        # the mask is the same without Ben Graham
+    assert np.array_equal(mask, mask2) and plain[mask].max() > 0
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (30, 50, 3), (50, 30, 1)])
+def test_crop_and_pad_any_array(shape):
+    arr = np.arange(np.prod(shape), dtype=np.int32).reshape(shape) % 251 + 1
+    box = (5, 25, 2, 22) if shape[0] == 30 else (2, 42, 5, 25)
+    out = crop_and_pad(arr, box)
+    h, w = box[1] - box[0], box[3] - box[2]
+    side = max(h, w)
+    assert out.shape == (side, side) + shape[2:] and out.dtype == arr.dtype
+    assert (out != 0).any(axis=tuple(range(1, out.ndim))).sum() == h   # rows holding the crop
+    assert out.sum() == arr[box[0]:box[1], box[2]:box[3]].sum()
+    small = crop_and_pad(arr, box, size=16, interpolation=cv2.INTER_NEAREST)
+    assert small.shape == (16, 16) + shape[2:]
+
+
+def test_crop_and_pad_matches_crop_to_square():
+    img = off_centre_fundus(clip_top=True)
+    assert np.array_equal(crop_and_pad(img, fundus_bbox(img)), crop_to_square(img))
 
 
 def png_header(width: int, height: int) -> bytes:

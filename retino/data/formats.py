@@ -1,8 +1,9 @@
 """Readers for the fundus data-set layouts people have on disk.
 
-Every reader returns the same thing, a :class:`Dataset`: per split a table of image paths and
-grades 0-4 (plus patient id and eye where the names allow). Anything that does not fit raises
-:class:`DatasetError` naming the file, line or column and what was expected.
+Every reader returns the same thing, a :class:`Dataset`: per split (train, val, test) a table of
+image paths and grades 0-4 (plus patient id and eye where the names allow). Anything that does not
+fit raises :class:`DatasetError` naming the file, line or column and what was expected; entries that
+cannot even be listed (a symlink loop, a name that is not UTF-8) are skipped into ``Dataset.problems``.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .preprocess import file_kind
+
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 SPLIT_SEED = 0          # the seed of every split Retino makes itself; recorded in each run
 TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1      # share of train's patients carved into val when a data set has no val of its own
 # ICDR names accepted as labels (lower-case); numbers are accepted too ("2", "2.0").
 GRADE_NAMES = {
     "no dr": 0, "no_dr": 0, "none": 0, "no apparent retinopathy": 0, "normal": 0,
@@ -28,6 +32,8 @@ GRADE_NAMES = {
     "proliferative": 4, "proliferative dr": 4, "proliferate_dr": 4, "pdr": 4,
 }
 _EYE_RE = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
+# ASCII digits only: float() also takes "0_2" and Arabic-Indic or full-width digits (issue 15)
+_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?")
 
 
 class DatasetError(ValueError):
@@ -36,12 +42,13 @@ class DatasetError(ValueError):
 
 @dataclass
 class Dataset:
-    """A labelled data set: ``splits[name]`` has columns image, path, grade, patient, eye."""
+    """A labelled data set: ``splits[name]`` (train, val, test) has columns image, path, grade, patient, eye."""
 
     root: Path
     layout: str
     splits: dict[str, pd.DataFrame]
-    split: dict = field(default_factory=dict)  # how train/test came about: {"method", "seed", ...}
+    split: dict = field(default_factory=dict)  # how the splits came about: {"method", "seed", "val_method", ...}
+    problems: list[dict] = field(default_factory=list)  # entries skipped while listing: {"file", "error", "kind"}
 
     def describe(self) -> dict:
         """The JSON-safe summary a run records in its config."""
@@ -52,16 +59,15 @@ class Dataset:
 # ----------------------------------------------------------------------------- parsing helpers
 
 def parse_grade(value, *, where: str) -> int:
-    """A label as an int 0-4; accepts "2", "2.0", " 2 ", and ICDR names like "moderate"."""
+    """A label as an int 0-4; accepts "2", "2.0", " 2 " (ASCII digits) and ICDR names like "moderate"."""
     text = str(value).strip()
     key = text.lower()
     if key in GRADE_NAMES:
         return GRADE_NAMES[key]
-    try:
-        number = float(text)
-    except ValueError:
+    if not _NUMBER_RE.fullmatch(text):
         raise DatasetError(f"{where}: label {text!r} is not a grade; expected an integer 0-4 "
-                           f"(or an ICDR name such as 'moderate')") from None
+                           f"(or an ICDR name such as 'moderate')")
+    number = float(text)
     if not number.is_integer() or not 0 <= number <= 4:
         raise DatasetError(f"{where}: label {text!r} is outside the ICDR grades; expected an integer 0-4")
     return int(number)
@@ -113,23 +119,59 @@ def _dedupe(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return df
 
 
-def _index_images(folder: Path) -> dict[str, Path]:
-    """Map stem -> path for the images in a folder (one directory listing, not one stat per image)."""
+def shown_path(path) -> str:
+    """A path as text that any UTF-8 writer accepts: undecodable bytes become ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _skipped(path, reason: str) -> dict:
+    shown = shown_path(path)
+    return {"file": shown, "error": f"{shown}: {reason}; skipped", "kind": "skipped"}
+
+
+def _index_images(folder: Path) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Map stem -> path for the images in a folder (one directory listing, not one stat per image),
+    and stem -> problem for the image-named entries that cannot be used (issue 15: a symlink loop
+    or a name that is not UTF-8 broke every page)."""
     out: dict[str, Path] = {}
+    bad: dict[str, dict] = {}
     if not folder.is_dir():
-        return out
-    with os.scandir(folder) as it:
-        for entry in it:
-            stem, ext = os.path.splitext(entry.name)
-            if ext.lower() in IMAGE_EXTS and entry.is_file():
-                out.setdefault(stem, Path(entry.path))
-    return out
+        return out, bad
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        raise DatasetError(f"{shown_path(folder)}: cannot be listed ({e.strerror}); "
+                           f"expected a readable folder") from None
+    for entry in entries:
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        try:
+            entry.name.encode("utf-8")
+            if not entry.is_file():  # follows symlinks: a loop raises ELOOP here
+                bad.setdefault(stem, _skipped(entry.path, f"is {file_kind(entry.stat().st_mode)}, not a regular file"))
+                continue
+        except UnicodeEncodeError:
+            bad.setdefault(stem, _skipped(entry.path, "the file name is not valid UTF-8 (rename it)"))
+            continue
+        except OSError as e:
+            bad.setdefault(stem, _skipped(entry.path, f"cannot be read ({e.strerror})"))
+            continue
+        out.setdefault(stem, Path(entry.path))
+    return out, bad
 
 
-def _attach_paths(df: pd.DataFrame, folders: list[Path], listed_in: Path) -> pd.DataFrame:
+def _attach_paths(df: pd.DataFrame, folders: list[Path], listed_in: Path, problems: list) -> pd.DataFrame:
     index: dict[str, Path] = {}
+    bad: dict[str, dict] = {}
     for folder in reversed(folders):  # earlier folders win
-        index.update(_index_images(folder))
+        found, skipped = _index_images(folder)
+        index.update(found)
+        bad.update(skipped)
+    unusable = [n for n in dict.fromkeys(df["image"]) if n not in index and n in bad]
+    problems.extend(bad[n] for n in unusable)  # listed but unusable: dropped, named, not fatal
+    df = df[~df["image"].isin(unusable)]
     missing = [n for n in df["image"] if n not in index]
     if missing:
         where = " or ".join(str(f) for f in folders)
@@ -154,28 +196,59 @@ def split_by_patient(df: pd.DataFrame, *, test_fraction: float = TEST_FRACTION,
 
     Patients are stratified by their worst eye's grade, so rare grades appear in both splits.
     """
+    is_test = df["patient"].isin(_pick_patients(df, test_fraction, seed))
+    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+
+
+def carve_val(train: pd.DataFrame, fraction: float = VAL_FRACTION, *,
+              seed: int = SPLIT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): ``fraction`` of train's patients moved to val, stratified and by patient as
+    :func:`split_by_patient` (both eyes together, by the worse eye's grade, seeded)."""
+    is_val = train["patient"].isin(_pick_patients(train, fraction, seed))
+    return train[~is_val].reset_index(drop=True), train[is_val].reset_index(drop=True)
+
+
+def _pick_patients(df: pd.DataFrame, fraction: float, seed: int) -> set:
+    """``fraction`` of the patients, stratified by their worst eye's grade (seeded)."""
     rng = np.random.default_rng(seed)
     worst = df.groupby("patient", sort=True)["grade"].max()
     # Systematic sampling over the patients ordered by stratum: each grade gets its share of the
-    # test split (rounding spread across strata), and even tiny sets get a non-empty test split.
+    # split (rounding spread across strata), and even tiny sets get a non-empty split.
     order = []
     for grade in sorted(worst.unique()):
         patients = np.array(sorted(worst.index[worst == grade]), dtype=object)
         rng.shuffle(patients)
         order.extend(patients.tolist())
-    pos = np.arange(len(order)) * test_fraction + rng.uniform()
-    picked = np.floor(pos + test_fraction) > np.floor(pos)
+    pos = np.arange(len(order)) * fraction + rng.uniform()
+    picked = np.floor(pos + fraction) > np.floor(pos)
     if len(order) >= 2 and not picked.any():
         picked[rng.integers(len(order))] = True
-    test_patients = {p for p, take in zip(order, picked) if take}
-    is_test = df["patient"].isin(test_patients)
-    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+    return {p for p, take in zip(order, picked) if take}
 
 
-def _single_split(root: Path, layout: str, df: pd.DataFrame) -> Dataset:
+def _single_split(root: Path, layout: str, df: pd.DataFrame, problems: list) -> Dataset:
     train, test = split_by_patient(df)
     return Dataset(root, layout, {"train": train, "test": test},
-                   {"method": "stratified-by-patient", "seed": SPLIT_SEED, "test_fraction": TEST_FRACTION})
+                   {"method": "stratified-by-patient", "seed": SPLIT_SEED, "test_fraction": TEST_FRACTION},
+                   problems)
+
+
+def _with_val(ds: Dataset, val_fraction: float) -> Dataset:
+    """Add val (carved from train unless the data set gave one) and record how, patients per split."""
+    if "val" in ds.splits:
+        train, val = ds.splits["train"], ds.splits["val"]
+        ds.split.update(val_method="given", val_given=True)
+    else:
+        train, val = carve_val(ds.splits["train"], val_fraction)
+        if val.empty and not train.empty:
+            raise DatasetError(f"{ds.root}: the train split's {train['patient'].nunique()} patient(s) are too "
+                               f"few to carve a val split from; expected at least 2, or a val split of its own")
+        ds.split.update(val_method="stratified-by-patient", val_fraction=val_fraction, val_seed=SPLIT_SEED,
+                        val_given=False)
+    ds.split.setdefault("seed", SPLIT_SEED)
+    ds.splits = {"train": train, "val": val, "test": ds.splits["test"]}
+    ds.split["patients"] = {s: int(df["patient"].nunique()) for s, df in ds.splits.items()}
+    return ds
 
 
 # ----------------------------------------------------------------------------- the layouts
@@ -197,16 +270,19 @@ def _is_grade(text: str) -> bool:
         return False
 
 
-def read_lab(root: Path) -> Dataset:
-    """The lab report's layout: {train,test}_img.csv and {train,test}_label.csv, one value a line."""
+def read_lab(root: Path, problems: list) -> Dataset:
+    """The lab report's layout: {train,test}_img.csv and {train,test}_label.csv, one value a line;
+    val_img.csv and val_label.csv when the set has its own val split."""
     splits = {}
     folders = [root, root / "images"]
-    for split in ("train", "test"):
+    has_val = (root / "val_img.csv").is_file() or (root / "val_label.csv").is_file()
+    for split in ("train", "val", "test") if has_val else ("train", "test"):
         img_file, lab_file = root / f"{split}_img.csv", root / f"{split}_label.csv"
         for f in (img_file, lab_file):
             if not f.is_file():
                 raise DatasetError(f"{f}: missing; the lab-report layout needs train_img.csv, "
-                                   f"train_label.csv, test_img.csv and test_label.csv")
+                                   f"train_label.csv, test_img.csv and test_label.csv (and both "
+                                   f"val_img.csv and val_label.csv for a val split)")
         names, labels = _read_lines(img_file), _read_lines(lab_file)
         first_label = 1
         if labels and not _is_grade(labels[0]):  # a header line
@@ -219,52 +295,65 @@ def read_lab(root: Path) -> Dataset:
                                f"labels; expected one label per image, line by line")
         grades = [parse_grade(v, where=f"{lab_file}, line {i + first_label}") for i, v in enumerate(labels)]
         df = _dedupe(pd.DataFrame({"image": [_strip_ext(n) for n in names], "grade": grades}), img_file)
-        splits[split] = _attach_paths(df, folders, img_file)
-    return Dataset(root, "lab", splits, {"method": "given"})
+        splits[split] = _attach_paths(df, folders, img_file, problems)
+    return Dataset(root, "lab", splits, {"method": "given"}, problems)
 
 
-def read_kaggle(root: Path) -> Dataset:
+def read_kaggle(root: Path, problems: list) -> Dataset:
     """Kaggle EyePACS: trainLabels.csv (image,level) + train/; test labels when present."""
     train = _attach_paths(_labelled_table(root / "trainLabels.csv", "image", "level"),
-                          [root / "train"], root / "trainLabels.csv")
+                          [root / "train"], root / "trainLabels.csv", problems)
     for name in ("retinopathy_solution.csv", "testLabels.csv"):
         if (root / name).is_file() and (root / "test").is_dir():
-            test = _attach_paths(_labelled_table(root / name, "image", "level"), [root / "test"], root / name)
-            return Dataset(root, "kaggle", {"train": train, "test": test}, {"method": "given"})
-    return _single_split(root, "kaggle", train)
+            test = _attach_paths(_labelled_table(root / name, "image", "level"), [root / "test"], root / name,
+                                 problems)
+            return Dataset(root, "kaggle", {"train": train, "test": test}, {"method": "given"}, problems)
+    return _single_split(root, "kaggle", train, problems)
 
 
-def read_aptos(root: Path) -> Dataset:
+def read_aptos(root: Path, problems: list) -> Dataset:
     """APTOS 2019: train.csv (id_code,diagnosis) + train_images/<id_code>.png."""
     df = _labelled_table(root / "train.csv", "id_code", "diagnosis")
-    return _single_split(root, "aptos", _attach_paths(df, [root / "train_images"], root / "train.csv"))
+    return _single_split(root, "aptos", _attach_paths(df, [root / "train_images"], root / "train.csv", problems),
+                         problems)
 
 
-def read_retino(root: Path) -> Dataset:
-    """Retino's own layout (what ``synth`` writes): train.csv, test.csv (image,level) + images/."""
+def read_retino(root: Path, problems: list) -> Dataset:
+    """Retino's own layout (what ``synth`` writes): train.csv, test.csv (image,level) + images/;
+    val.csv too when the set has its own val split."""
+    names = ("train", "val", "test") if (root / "val.csv").is_file() else ("train", "test")
     splits = {s: _attach_paths(_labelled_table(root / f"{s}.csv", "image", "level"),
-                               [root / "images"], root / f"{s}.csv") for s in ("train", "test")}
-    return Dataset(root, "retino", splits, {"method": "given"})
+                               [root / "images"], root / f"{s}.csv", problems) for s in names}
+    return Dataset(root, "retino", splits, {"method": "given"}, problems)
 
 
-def _grade_folders(base: Path) -> pd.DataFrame | None:
+def _grade_folders(base: Path, problems: list) -> pd.DataFrame | None:
     dirs = [base / str(g) for g in range(5)]
     if not any(d.is_dir() for d in dirs):
         return None
-    rows = [(stem, g, str(p)) for g, d in enumerate(dirs) for stem, p in sorted(_index_images(d).items())]
+    rows = []
+    for g, d in enumerate(dirs):
+        found, skipped = _index_images(d)
+        rows.extend((stem, g, str(p)) for stem, p in sorted(found.items()))
+        problems.extend(skipped[k] for k in sorted(skipped))
     df = pd.DataFrame(rows, columns=["image", "grade", "path"])
     return _with_patient(df)
 
 
-def read_folders(root: Path) -> Dataset:
-    """One folder per grade: 0/ ... 4/, optionally under train/ and test/."""
-    train, test = _grade_folders(root / "train"), _grade_folders(root / "test")
+def read_folders(root: Path, problems: list) -> Dataset:
+    """One folder per grade: 0/ ... 4/, optionally under train/ and test/ (and val/)."""
+    train, test = _grade_folders(root / "train", problems), _grade_folders(root / "test", problems)
+    val = _grade_folders(root / "val", problems) if train is not None else None
     if train is not None and test is not None:
-        return Dataset(root, "folders", {"train": train, "test": test}, {"method": "given"})
-    df = train if train is not None else _grade_folders(root)
+        splits = {"train": train, "test": test} | ({"val": val} if val is not None else {})
+        return Dataset(root, "folders", splits, {"method": "given"}, problems)
+    df = train if train is not None else _grade_folders(root, problems)
     if df is None or df.empty:
         raise DatasetError(f"{root}: grade folders 0/ ... 4/ hold no images ({', '.join(IMAGE_EXTS)})")
-    return _single_split(root, "folders", df)
+    ds = _single_split(root, "folders", df, problems)
+    if val is not None:  # train/ and val/ given, test/ not: test is cut from train as before
+        ds.splits["val"] = val
+    return ds
 
 
 # (name, how it is recognised, reader, description for the error message)
@@ -282,12 +371,19 @@ LAYOUTS = [
 ]
 
 
-def read_dataset(path) -> Dataset:
-    """Recognise a data-set folder by its files and read it.
+def read_dataset(path, val_fraction: float = VAL_FRACTION) -> Dataset:
+    """Recognise a data-set folder by its files and read it into train, val and test.
+
+    Args:
+        val_fraction: share of train's patients carved into val when the set has no val split of its
+            own (``val.csv``, ``val/``, ``val_img.csv`` + ``val_label.csv``); test is never touched.
 
     Raises:
         DatasetError: the folder is missing, matches no layout, or its files do not fit the layout.
     """
+    if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+        raise DatasetError(f"val_fraction {val_fraction!r} is not a share; expected a number between 0 and 1 "
+                           f"(e.g. {VAL_FRACTION}: a tenth of train's patients)")
     root = Path(path).expanduser()
     if "\x00" in str(path):
         raise DatasetError(f"{path!r}: a path cannot contain a NUL byte")
@@ -298,7 +394,7 @@ def read_dataset(path) -> Dataset:
     root = root.resolve()
     for _name, matches, reader, _desc in LAYOUTS:
         if matches(root):
-            ds = reader(root)
+            ds = _with_val(reader(root, []), float(val_fraction))
             for split, df in ds.splits.items():
                 if df.empty:
                     raise DatasetError(f"{root}: the {split} split has no images")
