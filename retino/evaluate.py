@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import calibration, metrics, runs, stats
 from .grades import REFERABLE_GRADE
+from .inference import Trained, load_trained  # noqa: F401  (moved to retino.inference; old imports keep working)
 
 N_BOOT = 1000
 BOOT_SEED = 0
@@ -175,7 +176,7 @@ def evaluate_run(run_dir, *, data: str | None = None, split: str = "test") -> di
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise runs.RunError(f"{run_dir}: no such run folder")
+        raise runs.RunError(f"{run_dir}: the run folder does not exist")
     if data:
         table = _predict_split(run_dir, data, split)
         chosen = read_chosen(run_dir) or {"selected_on": "test", "temperature": 1.0}
