@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .evaluate import load_trained  # moves to retino.inference (issue 13)
+from .inference import load_trained
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 17                  # ONNX opset: onnxruntime >= 1.14 runs it; every op of a ResNet is in it

@@ -213,7 +213,7 @@ class _Boom:
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
-    from retino.evaluate import load_trained
+    from retino.inference import load_trained
     marker = tmp_path / "pwned"
     _Boom.marker = marker
     run = tmp_path / "run"
