@@ -4,7 +4,7 @@ For ResNet-18 and ResNet-50 at 512 px (random weights: the time does not depend 
 after a warm-up, the best (and the median) of N repetitions of:
 
   forward    a plain forward pass of one preprocessed (1, 3, 512, 512) tensor (the baseline)
-  predict    ``retino.explain.predict``: decode a ~1 MP JPEG, crop, resize, normalise, forward
+  predict    ``retino.predict.predict``: decode a ~1 MP JPEG, crop, resize, normalise, forward
   explain    ``retino.explain.explain`` with Grad-CAM on that prediction (forward + backward to layer4)
   total      predict + explain, what the Predict page does for one photo
   cam_full   pytorch-grad-cam without explain's cut at the target layer (backward through every weight)
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retino import explain as ex  # noqa: E402
 from retino.config import TrainConfig  # noqa: E402
-from retino.evaluate import Trained  # noqa: E402
+from retino.inference import Trained  # noqa: E402
+from retino.predict import predict as predict_photos  # noqa: E402
 from retino.models import build_model, normalization  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def bench_arch(arch: str, size: int, photo: bytes, reps: int) -> dict:
             model(x)
 
     def predict():
-        return ex.predict(trained, [photo])[0]
+        return predict_photos(trained, [photo])[0]
 
     pred = predict()
     assert pred.ok, pred.error
@@ -79,7 +80,7 @@ def bench_arch(arch: str, size: int, photo: bytes, reps: int) -> dict:
         ex.explain(trained, pred, method="gradcam")
 
     def total():
-        ex.explain(trained, ex.predict(trained, [photo])[0], method="gradcam")
+        ex.explain(trained, predict_photos(trained, [photo])[0], method="gradcam")
 
     def cam_full():
         with ex.GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:

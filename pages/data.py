@@ -11,9 +11,11 @@ import streamlit as st
 from retino import charts, settings
 from retino.config import CLASS_WEIGHTS, TrainConfig
 from retino.data import DatasetError, load_image, preprocess, read_dataset, stats
+from retino.grades import GRADE_NAMES
 from retino.metrics import class_weights
 
 GALLERY_DISPLAY_PX = 360  # originals are shown downscaled: a 3888 px Kaggle photo would weigh megabytes
+TRAINING = TrainConfig()  # the gallery's defaults are what a default run sees
 
 
 @st.cache_data(show_spinner="Reading image headers…", max_entries=8)
@@ -40,88 +42,109 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-st.title("Data set")
-path = settings.data_path()
-try:
-    report = summarize(str(path), settings.folder_fingerprint(path))
-except DatasetError as e:
-    st.error(str(e), icon=":material/error:")
-    if path == settings.resolve_data_path(settings.DEFAULT_DATA):
-        st.info("The synthetic set has not been generated yet: run `make data` (or "
-                f"`python -m retino synth {settings.DEFAULT_DATA}`), or choose another folder in the sidebar.")
+def load_report():
+    """The summary of the folder in use; None (with what to do) when it cannot be read."""
+    path = settings.data_path()
+    try:
+        return summarize(str(path), settings.folder_fingerprint(path))
+    except DatasetError as e:
+        st.error(str(e), icon=":material/error:")
+        if settings.is_default_data(path):
+            st.info("The synthetic set has not been generated yet: run `make data` (or "
+                    f"`python -m retino synth {settings.DEFAULT_DATA}`), or choose another folder in the sidebar.")
+        else:
+            st.info("Choose another folder under **Switch data set** in the sidebar.")
+        return None
+
+
+def grades(report: dict) -> None:
+    """Counts per split and the accuracy floor of always answering the majority grade."""
+    splits = report["splits"]
+    st.caption(f"`{report['path']}` · {report['layout']} layout · split: {report['split'].get('method', 'given')}")
+    cols = st.columns(len(splits) + 1)
+    for col, (split, s) in zip(cols, splits.items()):
+        col.metric(f"{split} images", f"{s['n']:,}")
+    cols[-1].metric("unreadable files", f"{len(report['problems']):,}")
+    st.subheader("Grades")
+    percent = st.segmented_control("Bar height", ["count", "percent"], default="count", key="data.unit") == "percent"
+    st.plotly_chart(charts.label_distribution(report, percent=percent), key="data.grades")
+    majority = {s["majority_grade"] for s in splits.values()}
+    if len(majority) == 1:  # the usual case: one grade dominates every split
+        g = majority.pop()
+        floors = " and ".join(f"**{_pct(s['majority_acc'])}** on {split}" for split, s in splits.items())
+        floor_text = f"Always predicting grade {g} ({GRADE_NAMES[g]}) scores {floors}"
     else:
-        st.info("Choose another folder under **Switch data set** in the sidebar.")
-    st.stop()
+        floor_text = "Always predicting the most common grade scores " + " and ".join(
+            f"**{_pct(s['majority_acc'])}** on {split} (grade {s['majority_grade']})" for split, s in splits.items())
+    st.info(f"{floor_text} here, with QWK 0: the accuracy floor any model has to beat.", icon=":material/info:")
 
-splits = report["splits"]
-st.caption(f"`{report['path']}` · {report['layout']} layout · split: {report['split'].get('method', 'given')}")
-cols = st.columns(len(splits) + 1)
-for col, (split, s) in zip(cols, splits.items()):
-    col.metric(f"{split} images", f"{s['n']:,}")
-cols[-1].metric("unreadable files", f"{len(report['problems']):,}")
 
-st.subheader("Grades")
-percent = st.segmented_control("Bar height", ["count", "percent"], default="count", key="data.unit") == "percent"
-st.plotly_chart(charts.label_distribution(report, percent=percent), key="data.grades")
-grades = {s["majority_grade"] for s in splits.values()}
-if len(grades) == 1:  # the usual case: one grade dominates every split
-    g = grades.pop()
-    floors = " and ".join(f"**{_pct(s['majority_acc'])}** on {split}" for split, s in splits.items())
-    floor_text = f"Always predicting grade {g} ({charts.GRADE_NAMES[g]}) scores {floors}"
-else:
-    floor_text = "Always predicting the most common grade scores " + " and ".join(
-        f"**{_pct(s['majority_acc'])}** on {split} (grade {s['majority_grade']})" for split, s in splits.items())
-st.info(f"{floor_text} here, with QWK 0: the accuracy floor any model has to beat.", icon=":material/info:")
+def weights_and_eyes(report: dict) -> None:
+    splits = report["splits"]
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Class weights")
+        train_counts = splits.get("train", next(iter(splits.values())))["counts"]
+        weights = pd.DataFrame({scheme: class_weights(train_counts, scheme) for scheme in CLASS_WEIGHTS},
+                               index=pd.Index(charts.GRADE_LABELS, name="grade")).T
+        st.dataframe(weights.style.format("{:.3f}"))
+        st.caption("Cross-entropy weight per grade under each `class_weights` setting, from the train counts: "
+                   "lab = 1 − n_k/N (the lab report's), inverse = N/(K·n_k).")
+    with right:
+        st.subheader("Eyes and image sizes")
+        facts = pd.DataFrame({
+            split: {"left eyes": s["eyes"]["left"], "right eyes": s["eyes"]["right"],
+                    "eye unknown": s["n"] - s["eyes"]["left"] - s["eyes"]["right"],
+                    **{f"{k} size": "–" if s["size"][k] is None else f"{s['size'][k][0]} × {s['size'][k][1]}"
+                       for k in ("min", "median", "max")}}
+            for split, s in splits.items()}).astype(str)
+        st.dataframe(facts)
 
-left, right = st.columns(2)
-with left:
-    st.subheader("Class weights")
-    train_counts = splits.get("train", next(iter(splits.values())))["counts"]
-    weights = pd.DataFrame({scheme: class_weights(train_counts, scheme) for scheme in CLASS_WEIGHTS},
-                           index=pd.Index(charts.GRADE_LABELS, name="grade")).T
-    st.dataframe(weights.style.format("{:.3f}"))
-    st.caption("Cross-entropy weight per grade under each `class_weights` setting, from the train counts: "
-               "lab = 1 − n_k/N (the lab report's), inverse = N/(K·n_k).")
-with right:
-    st.subheader("Eyes and image sizes")
-    facts = pd.DataFrame({
-        split: {"left eyes": s["eyes"]["left"], "right eyes": s["eyes"]["right"],
-                "eye unknown": s["n"] - s["eyes"]["left"] - s["eyes"]["right"],
-                **{f"{k} size": "–" if s["size"][k] is None else f"{s['size'][k][0]} × {s['size'][k][1]}"
-                   for k in ("min", "median", "max")}}
-        for split, s in splits.items()}).astype(str)
-    st.dataframe(facts)
 
-st.subheader("Samples per grade")
-c1, c2, c3, c4 = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
-per_grade = c1.slider("Samples per grade", 1, 6, 3, key="data.per_grade")
-size = c2.select_slider("Preprocessed size", [64, 128, 224, 256, 384, 512], value=TrainConfig().image_size,
-                        key="data.size", help="the training image size: cropped to the fundus, squared, resized")
-ben_graham = c3.toggle("Ben Graham normalisation", key="data.bg")
-if c4.button("Shuffle", icon=":material/shuffle:"):
-    st.session_state["data.seed"] = st.session_state.get("data.seed", 0) + 1
-readable = report["readable"]
-for grade, name in enumerate(charts.GRADE_NAMES):
-    pool = readable[readable["grade"] == grade]
-    st.markdown(f"**{grade} · {name}** ({len(pool):,} image{'s' if len(pool) != 1 else ''})")
-    if pool.empty:
-        st.caption("No readable image of this grade.")
-        continue
-    picks = pool.sample(min(per_grade, len(pool)), random_state=st.session_state.get("data.seed", 0))
-    cells = st.columns(2 * per_grade)
-    for i, (_, pick) in enumerate(picks.iterrows()):
-        try:
-            original, processed = sample_pair(pick["path"], size, ben_graham)
-        except Exception as e:  # a file changed since the scan: show why, keep the gallery
-            cells[2 * i].warning(f"{pick['path']}: {e}")
+def gallery(report: dict) -> None:
+    """A few originals per grade next to what training makes of them (training's defaults first)."""
+    st.subheader("Samples per grade")
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
+    per_grade = c1.slider("Samples per grade", 1, 6, 3, key="data.per_grade")
+    size = c2.select_slider("Preprocessed size", [64, 128, 224, 256, 384, 512], value=TRAINING.image_size,
+                            key="data.size", help="the training image size: cropped to the fundus, squared, resized")
+    ben_graham = c3.toggle("Ben Graham normalisation", value=TRAINING.ben_graham, key="data.bg",
+                           help="on by default, as in training (--ben-graham)")
+    if c4.button("Shuffle", icon=":material/shuffle:"):
+        st.session_state["data.seed"] = st.session_state.get("data.seed", 0) + 1
+    readable = report["readable"]
+    for grade, name in enumerate(GRADE_NAMES):
+        pool = readable[readable["grade"] == grade]
+        st.markdown(f"**{grade} · {name}** ({len(pool):,} image{'s' if len(pool) != 1 else ''})")
+        if pool.empty:
+            st.caption("No readable image of this grade.")
             continue
-        fname = pick["path"].rsplit("/", 1)[-1]
-        cells[2 * i].image(original, caption=f"{fname} ({pick['split']})", width="stretch")
-        cells[2 * i + 1].image(processed, caption=f"preprocessed {size} px", width="stretch")
+        picks = pool.sample(min(per_grade, len(pool)), random_state=st.session_state.get("data.seed", 0))
+        cells = st.columns(2 * per_grade)
+        for i, (_, pick) in enumerate(picks.iterrows()):
+            try:
+                original, processed = sample_pair(pick["path"], size, ben_graham)
+            except Exception as e:  # a file changed since the scan: show why, keep the gallery
+                cells[2 * i].warning(f"{pick['path']}: {e}")
+                continue
+            fname = pick["path"].rsplit("/", 1)[-1]
+            cells[2 * i].image(original, caption=f"{fname} ({pick['split']})", width="stretch")
+            cells[2 * i + 1].image(processed, caption=f"preprocessed {size} px", width="stretch")
 
-st.subheader("Unreadable files")
-if report["problems"]:
-    st.warning(f"{len(report['problems']):,} file(s) cannot be used; training skips them.")
-    st.dataframe(pd.DataFrame(report["problems"]), hide_index=True)
-else:
-    st.success("Every image's header and end marker read cleanly.", icon=":material/check_circle:")
+
+def problems(report: dict) -> None:
+    st.subheader("Unreadable files")
+    if report["problems"]:
+        st.warning(f"{len(report['problems']):,} file(s) cannot be used; training skips them.")
+        st.dataframe(pd.DataFrame(report["problems"]), hide_index=True)
+    else:
+        st.success("Every image's header and end marker read cleanly.", icon=":material/check_circle:")
+
+
+st.title("Data set")
+report = load_report()
+if report is not None:
+    grades(report)
+    weights_and_eyes(report)
+    gallery(report)
+    problems(report)

@@ -2,6 +2,7 @@
 
 Each run is its own ``python -m retino train`` process (``retino.jobs``); this page only writes a
 config, starts it, and reads run folders back every 2 seconds (a fragment with ``run_every=2``).
+Presets are ``retino.config.PRESETS``; what a run needs before it starts comes from ``retino.plan``.
 """
 import dataclasses
 import time
@@ -9,34 +10,29 @@ from pathlib import Path
 
 import streamlit as st
 
-from retino import charts, compare, jobs, runs, settings
-from retino.config import ConfigError, TrainConfig
+from retino import charts, compare, dashboard, jobs, plan, runs, settings
+from retino.config import PRESETS, ConfigError, TrainConfig, expand_preset, preset_base
 from retino.data import DatasetError, read_dataset
 from retino.models import list_models, weights_available
 
-LAB = {"image_size": 512, "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
-       "head": "classify", "loss": "ce", "class_weights": "lab", "epochs": 10, "batch_size": 8,
-       "schedule": "constant", "ben_graham": False, "augment": "lab", "interpolation": "nearest",
-       "sampler": "plain"}
-# ^ the lab report's settings: plain photos, its augmentation, no learning-rate schedule
-PRESETS = {
-    # name -> (shared settings, one override per run it queues)
-    "Quick demo (CPU)": ({}, [{}]),
-    "Lab report: ResNet18/50 x scratch/pretrained": (
-        LAB, [{"arch": a, "pretrained": p} for a in ("resnet18", "resnet50") for p in (False, True)]),
-}
 MAIN = ("arch", "pretrained", "head", "loss", "class_weights", "sampler", "augment", "epochs", "batch_size",
         "image_size", "ben_graham", "optimizer", "lr", "weight_decay", "device", "seed", "name")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "data"}  # data: the sidebar's choice
 SMALL_FLOATS = {"lr": 1e-4, "weight_decay": 1e-5, "momentum": 0.05, "warmup_epochs": 0.5}  # widget steps
+WITHOUT_WEIGHTS = {"scratch": "Start the runs that need no ImageNet weights", "none": "Start nothing"}
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def split_sizes(path: str, fingerprint: tuple) -> dict:
+    return read_dataset(path).describe()["sizes"]
 
 
 def apply_preset() -> None:
     """Fill the form's widgets with the chosen preset (its first run's values where runs differ)."""
-    shared, variants = PRESETS[st.session_state["train.preset"]]
-    values = {**TrainConfig().to_dict(), **shared, **variants[0]}
-    for name in FIELDS:
-        st.session_state[f"cfg.{name}"] = values[name]
+    name = st.session_state["train.preset"]
+    values = dataclasses.replace(preset_base(name), **PRESETS[name].runs[0]).to_dict()
+    for field in FIELDS:
+        st.session_state[f"cfg.{field}"] = values[field]
 
 
 def field_widget(name: str, disabled: bool = False) -> None:
@@ -70,88 +66,94 @@ def weights_note() -> None:
 
 
 def configs_from_form(data: str) -> list[TrainConfig]:
-    """The runs the form describes: one per preset variant, each validated (ConfigError on a bad value)."""
+    """The runs the form describes: one per preset run, each validated (ConfigError on a bad value)."""
     values = {name: st.session_state[f"cfg.{name}"] for name in FIELDS}
-    shared, variants = PRESETS[st.session_state["train.preset"]]
-    out = []
-    for variant in variants:
-        cfg = TrainConfig.from_dict({**values, **variant, "data": data})
-        if values["name"] and len(variants) > 1:
-            cfg.name = f"{values['name']}-{cfg.display_name()}"
-        out.append(cfg.validate())
-    return out
+    return expand_preset(st.session_state["train.preset"], TrainConfig.from_dict({**values, "data": data}))
 
 
-def start(data) -> None:
+def missing_weights_text(missing: dict) -> str:
+    where = "; ".join(f"{arch}: `{path.replace(str(Path.home()), '~', 1)}`" for arch, path in missing.items())
+    return (f"The ImageNet weights for {', '.join(missing)} are not on disk, so the pretrained runs would fail "
+            f"seconds after starting. Download them on a machine with internet and place them at {where}.")
+
+
+def before_start(data_path: Path) -> None:
+    """What the form's runs need that is not there, and how long they take on a CPU: said before Start."""
     try:
-        configs = configs_from_form(str(data))
-        read_dataset(data)  # a bad folder is refused here, before any process starts
+        configs = configs_from_form(str(data_path))
+    except ConfigError:
+        return  # Start shows the message
+    missing = plan.missing_weights(configs)
+    if missing:
+        st.warning(missing_weights_text(missing), icon=":material/warning:")
+        if any(not plan.needs_missing_weights(c, missing) for c in configs):
+            st.radio("Without the weights", list(WITHOUT_WEIGHTS), key="train.without_weights",
+                     format_func=WITHOUT_WEIGHTS.get)
+        configs = [c for c in configs if not plan.needs_missing_weights(c, missing)]
+    cpu = [c for c in configs if plan.trains_on_cpu(c)]
+    try:
+        sizes = split_sizes(str(data_path), settings.folder_fingerprint(data_path))
+    except DatasetError:
+        return
+    if cpu:
+        seconds = sum(plan.cpu_seconds(c, sizes.get("train", 0), sizes.get("test", 0)) for c in cpu)
+        st.caption(f"On a CPU: {plan.duration_text(seconds)} for {len(cpu)} run{'s' if len(cpu) > 1 else ''} "
+                   f"({sizes.get('train', 0):,} training images x {cpu[0].epochs} epochs), from the "
+                   f"{plan.SOURCE}; the first run on a data set also builds its image cache.")
+
+
+def start(data_path: Path) -> None:
+    try:
+        configs = configs_from_form(str(data_path))
+        read_dataset(data_path)  # a bad folder is refused here, before any process starts
     except (ConfigError, DatasetError) as e:
         st.error(str(e), icon=":material/error:")
         return
+    missing = plan.missing_weights(configs)
+    if missing:
+        runnable = [c for c in configs if not plan.needs_missing_weights(c, missing)]
+        if not runnable or st.session_state.get("train.without_weights", "scratch") == "none":
+            st.error("Nothing started. " + missing_weights_text(missing), icon=":material/error:")
+            return
+        configs = runnable
     started = [jobs.launch(cfg) for cfg in configs]
     st.session_state["train.started"] = [p.name for p in started]
     st.session_state.pop("train.active", None)  # the monitor re-reads it without a second rerun
     st.rerun()  # a full rerun, so the sidebar's count of active runs includes them
 
 
-# ----------------------------------------------------------------------------- the form
-
-if "cfg.arch" not in st.session_state:  # first visit (or back from another page): the preset's values
-    st.session_state.setdefault("train.preset", next(iter(PRESETS)))
-    apply_preset()
-data_path = settings.data_path()
-with st.sidebar:
-    st.subheader("New run")
-    st.selectbox("Preset", list(PRESETS), key="train.preset", on_change=apply_preset)
-    n_runs = len(PRESETS[st.session_state["train.preset"]][1])
-    with st.form("train-form"):
-        st.caption(f"Data: `{data_path}` (switch it above)")
-        for name in MAIN:
-            field_widget(name, disabled=n_runs > 1 and name in ("arch", "pretrained"))
-            if name == "pretrained":
-                weights_note()
-        with st.expander("Advanced"):
-            for name in FIELDS:
-                if name not in MAIN:
-                    field_widget(name)
-        if n_runs > 1:
-            st.caption(f"Queues {n_runs} runs: architecture and pretrained vary; they train one after "
-                       "another on the same device.")
-        submitted = st.form_submit_button(f"Start {n_runs} runs" if n_runs > 1 else "Start training",
-                                          type="primary", icon=":material/play_arrow:", key="train.start")
-    if submitted:
-        start(data_path)
-
-st.title("Train")
-if st.session_state.get("train.started"):
-    st.success("Started " + ", ".join(f"`{n}`" for n in st.session_state.pop("train.started")),
-               icon=":material/rocket_launch:")
+def form() -> None:
+    """The sidebar: preset, what it needs, the settings, Start."""
+    if "cfg.arch" not in st.session_state:  # first visit (or back from another page): the preset's values
+        st.session_state.setdefault("train.preset", next(iter(PRESETS)))
+        apply_preset()
+    data_path = settings.data_path()
+    with st.sidebar:
+        st.subheader("New run")
+        st.selectbox("Preset", list(PRESETS), key="train.preset", on_change=apply_preset,
+                     format_func=lambda k: PRESETS[k].label)
+        n_runs = len(PRESETS[st.session_state["train.preset"]].runs)
+        before_start(data_path)
+        with st.form("train-form"):
+            st.caption(f"Data: `{data_path}` (switch it above)")
+            for name in MAIN:
+                field_widget(name, disabled=n_runs > 1 and name in ("arch", "pretrained"))
+                if name == "pretrained":
+                    weights_note()
+            with st.expander("Advanced"):
+                for name in FIELDS:
+                    if name not in MAIN:
+                        field_widget(name)
+            if n_runs > 1:
+                st.caption(f"Queues {n_runs} runs: architecture and pretrained vary; they train one after "
+                           "another on the same device. A run name becomes `<name>-resnet18-scratch` and so on.")
+            submitted = st.form_submit_button(f"Start {n_runs} runs" if n_runs > 1 else "Start training",
+                                              type="primary", icon=":material/play_arrow:", key="train.start")
+        if submitted:
+            start(data_path)
 
 
 # ----------------------------------------------------------------------------- monitoring
-
-def _clock(seconds) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "–"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def _ago(seconds: float) -> str:
-    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            n = int(seconds // size)
-            return f"{n} {unit}{'s' if unit == 'day' and n > 1 else ''} ago"
-    return "just now"
-
-
-def _fraction(status: dict) -> float:
-    epochs, epoch = max(int(status.get("epochs") or 1), 1), int(status.get("epoch") or 0)
-    step, steps = int(status.get("step") or 0), int(status.get("steps") or 0)
-    done = (max(epoch - 1, 0) + (step / steps if steps else 0)) / epochs
-    return min(max(done, 0.0), 1.0)
-
 
 def active_card(run: runs.RunInfo, label: str) -> None:
     s, rows = run.status, runs.read_metrics(run.path)
@@ -159,24 +161,23 @@ def active_card(run: runs.RunInfo, label: str) -> None:
         head, stop = st.columns([5, 1], vertical_alignment="center")
         head.markdown(f"**{label}** :blue-badge[{run.state}]  \n`{run.id}`")
         if stop.button("Stop", key=f"stop-{run.id}", icon=":material/stop:"):
-            if jobs.stop(run.path):
-                st.toast(f"Asked {label} to stop after this step")
-            else:
-                st.toast(f"{label} is not running any more")
-        if run.state == "queued" and not s.get("started"):
-            st.progress(0.0, text="queued: waiting for the device (another run is training on it)")
+            st.toast(f"Asked {label} to stop after this step" if jobs.stop(run.path)
+                     else f"{label} is not running any more")
+        fraction, text = dashboard.progress(s)
+        st.progress(fraction, text=text)
+        if run.state != "running":
             return
-        st.progress(_fraction(s), text=f"epoch {s.get('epoch') or 0}/{s.get('epochs', '?')} · "
-                                       f"step {s.get('step') or 0}/{s.get('steps') or '?'}")
+        qwk = dashboard.qwk_key(rows)
         c = st.columns(5)
         c[0].metric("images/s", f"{s['images_per_s']:.0f}" if s.get("images_per_s") else "–")
-        c[1].metric("ETA", _clock(s.get("eta_s")))
+        c[1].metric("ETA", dashboard.clock(s.get("eta_s")))
         c[2].metric("train loss", f"{s['train_loss']:.3f}" if s.get("train_loss") is not None else "–")
         c[3].metric("test accuracy", f"{100 * rows[-1]['test_acc']:.1f}%" if rows else "–")
-        c[4].metric("test QWK", f"{rows[-1]['test_qwk']:.3f}" if rows else "–",
-                    help=f"best so far {s['best_qwk']:.3f}" if s.get("best_qwk") is not None else None)
-        if rows:
-            st.plotly_chart(charts.live_curves(rows), key=f"live-{run.id}")
+        c[4].metric(qwk.replace("_qwk", " QWK"), f"{rows[-1][qwk]:.3f}" if rows and rows[-1].get(qwk) is not None
+                    else "–", help=f"best so far {s['best_qwk']:.3f}" if s.get("best_qwk") is not None else None)
+        steps = dashboard.step_log(run)
+        if rows or steps:
+            st.plotly_chart(charts.live_curves(rows, steps), key=f"live-{run.id}")
 
 
 def finished_card(run: runs.RunInfo, label: str) -> None:
@@ -190,17 +191,20 @@ def finished_card(run: runs.RunInfo, label: str) -> None:
         text, action = st.columns([5, 1], vertical_alignment="center")
         summary = (f"best epoch {best.get('epoch')}: QWK {best.get('test_qwk', float('nan')):.3f}, "
                    f"accuracy {100 * best.get('test_acc', float('nan')):.1f}%" if best else "no finished epoch")
-        ago = _ago(time.time() - float(s.get("updated") or run.created))
-        text.markdown(f"**{label}** {icon} · {summary} · {len(rows)}/{s.get('epochs', '?')} epochs · {ago}")
-        if run.state in ("stopped", "interrupted", "failed"):
-            if action.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:"):
-                try:
-                    jobs.resume(run.path)
-                    st.toast(f"Resuming {label}")
-                except runs.RunError as e:
-                    st.error(str(e))
+        ago = dashboard.ago(time.time() - float(s.get("updated") or run.created))
+        text.markdown(f"**{label}** {icon} · {summary} · {len(rows)}/{s.get('epochs', '?')} epochs · {ago}  \n"
+                      f"`{run.id}`")
+        resumable, why_not = dashboard.can_resume(run)
+        if resumable and action.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:"):
+            try:
+                jobs.resume(run.path)
+                st.toast(f"Resuming {label}")
+            except runs.RunError as e:
+                st.error(str(e))
         if run.state == "failed" and s.get("error"):
             st.error(s["error"], icon=":material/error:")
+        if why_not:
+            st.caption(why_not)
         elif run.state == "interrupted":
             st.caption("Its process ended without saying so (killed, or the machine restarted). "
                        "Resume continues from the last saved checkpoint.")
@@ -228,8 +232,13 @@ def monitor() -> None:
         st.subheader("Recent runs")
         for run in finished[:5]:
             finished_card(run, labels[run.id])
-        st.page_link("pages/compare.py", label=f"Compare runs ({len(finished)} finished)",
+        st.page_link("pages/compare.py", label=f"Compare runs ({dashboard.completed_count(finished)} completed)",
                      icon=":material/compare_arrows:")
 
 
+form()
+st.title("Train")
+if st.session_state.get("train.started"):
+    st.success("Started " + ", ".join(f"`{n}`" for n in st.session_state.pop("train.started")),
+               icon=":material/rocket_launch:")
 monitor()

@@ -14,8 +14,22 @@ class UserError(Exception):
     """Bad arguments or data: printed as one line, exit status 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with every error as one line, ``error: ...`` (exit 2); the usage only with ``--help``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
+
+
+def _num(value, digits: int = 4) -> str:
+    """A metric for reading: rounded, or a dash where it is undefined."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -32,7 +46,8 @@ def cmd_synth(args) -> int:
 
 def cmd_stats(args) -> int:
     from .data import read_dataset, stats
-    report = stats(read_dataset(args.data_dir), deep=args.deep)
+    from .fileio import resolve_data_path
+    report = stats(read_dataset(resolve_data_path(args.data_dir)), deep=args.deep)
     if args.json:
         _print_json(report)
         return 0
@@ -49,10 +64,13 @@ def cmd_stats(args) -> int:
 
 
 def _train_parser(sub) -> None:
-    from .config import add_config_arguments
+    from .config import PRESETS, add_config_arguments
     # each config flag's help already states its default (the flags' own default is None: "not given")
     p = sub.add_parser("train", help="train a model; every TrainConfig field has a flag")
     add_config_arguments(p)
+    p.add_argument("--preset", type=str.lower, choices=list(PRESETS),
+                   help="queue a preset's runs (flags given override its settings): "
+                        + "; ".join(f"{k}: {v.label}" for k, v in PRESETS.items()))
     p.add_argument("--run-dir", help="run folder to write (default: checkpoints/<date>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -163,6 +181,10 @@ def cmd_train(args) -> int:
         run_dir = _user_path(args.resume, "--resume")
         saved, cfg, changed = _resume_config(run_dir, args)
         rows = runs.read_metrics(run_dir)
+        if (run_dir / "test.json").is_file() and len(rows) >= saved.epochs and cfg.epochs <= saved.epochs:
+            runs.write_status(run_dir, state="completed", error=None)
+            print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
+            return 0
         if not (run_dir / "last.pt").is_file() and (run_dir / "test.json").is_file() and len(rows) >= saved.epochs:
             if cfg.epochs > saved.epochs:
                 raise RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
@@ -199,8 +221,8 @@ def cmd_train(args) -> int:
 
 def _train_preset(args) -> int:
     """``train --preset NAME``: each of the preset's runs in turn, in its own folder."""
-    from .config import config_from_args, expand_preset
-    base = config_from_args(args)
+    from .config import config_from_args, expand_preset, preset_base
+    base = config_from_args(args, preset_base(args.preset))  # the preset's settings, then the flags given
     for cfg in expand_preset(args.preset, base):
         sub = argparse.Namespace(**{**vars(args), "preset": None, "run_dir": None})
         for k, v in cfg.to_dict().items():
@@ -213,39 +235,153 @@ def _train_preset(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
-    result = evaluate_run(args.run_dir, data=args.data, checkpoint=args.checkpoint)
+    from .grades import GRADES, grade_label
+    from .stats import format_interval
+    r = evaluate_run(args.run_dir, data=args.data, split=args.split)
     if args.json:
-        _print_json(result)
-    else:
-        for k, v in result.items():
-            if not isinstance(v, (list, dict)):
-                print(f"{k:>28}: {v}")
-        print("confusion (rows = true grade):")
-        for row in result["test_confusion"]:
-            print("   " + " ".join(f"{c:6d}" for c in row))
+        _print_json(r)
+        return 0
+    where = f" of {r['data']}" if r.get("data") else ""
+    print(f"{args.run_dir}: epoch {r['epoch']}, {r['split']} split{where} ({r['n_images']} images, "
+          f"{r['n_patients']} patients); choices made on {r['selected_on']}")
+    print(f"  95% patient-level bootstrap intervals, {r['n_boot']} resamples:")
+    for name, entry in r["metrics"].items():
+        print(f"  {name:<16} {format_interval(entry)}")
+    for name, entry in (r.get("patient") or {}).items():
+        print(f"  {'patient ' + name:<16} {format_interval(entry)}")
+    op, cal = r["operating_point"], r["calibration"]
+    if op.get("threshold") is not None:
+        print(f"  operating point  referable score >= {_num(op['threshold'], 3)} (chosen for sensitivity "
+              f"{_num(op['target_sensitivity'], 2)})")
+    print(f"  calibration      temperature {_num(cal['temperature'], 3)}, ECE {_num(cal['ece'], 3)} "
+          f"(before temperature {_num(cal['ece_before_temperature'], 3)})")
+    base = r["majority_baseline"]
+    print(f"  majority         always grade {base['grade']}: accuracy {_num(base['acc'], 3)}, QWK {_num(base['qwk'], 3)}")
+    confusion = r["confusion"]
+    print("per grade:            recall  precision      n")
+    precision = [row[g] / max(sum(col[g] for col in confusion), 1) for g, row in enumerate(confusion)]
+    for g in GRADES:
+        print(f"  {grade_label(g):<16} {_num(r['per_grade_recall'][g], 3):>8} {_num(precision[g], 3):>10} "
+              f"{sum(confusion[g]):>6}")
+    print("confusion (rows = true grade, columns = predicted):")
+    for row in confusion:
+        print("   " + " ".join(f"{c:6d}" for c in row))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """B minus A on the same test images; exit 2 (one line) when they were not evaluated on the same ones."""
+    from .evaluate import compare_runs
+    from .stats import format_interval
+    r = compare_runs(args.run_a, args.run_b, data=args.data)
+    if args.json:
+        _print_json(r)
+        return 0
+    print(f"B minus A on {r['n_images']} test images of {r['n_patients']} patients (95% paired patient bootstrap)")
+    print(f"  A: {r['a']}\n  B: {r['b']}")
+    for name, d in r["diff"].items():
+        print(f"  {name:<16} {format_interval(d):<28} {r['verdict'].get(name, '')}")
     return 0
 
 
 def cmd_check_run(args) -> int:
-    from .runs import check_run
-    problems = check_run(Path(args.run_dir))
+    """Whole or not (exit 1), and in either case the run's state, epochs and missing checkpoints."""
+    from .runs import check_run, run_summary
+    folder = Path(args.run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run folder")
+    problems = check_run(folder)
+    summary = run_summary(folder)
     if args.json:
-        _print_json({"run": args.run_dir, "whole": not problems, "problems": problems})
+        _print_json({"run": args.run_dir, "whole": not problems, "problems": problems, **summary})
     else:
         print(f"{args.run_dir}: " + ("whole" if not problems else "NOT whole"))
+        epochs = f"{summary['epochs_done']}/{summary['epochs']}" if summary["epochs"] else str(summary["epochs_done"])
+        error = f" ({summary['error']})" if summary["state"] == "failed" and summary["error"] else ""
+        print(f"  state {summary['state']}{error}; epochs {epochs}; "
+              f"{'missing ' + ', '.join(summary['missing']) if summary['missing'] else 'both checkpoints present'}; "
+              f"{summary['resume']}")
         for p in problems:
             print(f"  {p}")
     return 0 if not problems else 1
 
 
+def _check_cam_method(method: str, flag: str) -> None:
+    from .explain import list_cam_methods
+    if method not in list_cam_methods():
+        raise UserError(f"Invalid {flag} {method!r}. Choose one of: {', '.join(list_cam_methods())}.")
+
+
+def _cam_path(cam_dir: Path, image: str, used: set) -> Path:
+    """``<stem>_cam.png``, numbered when two inputs share a stem."""
+    stem = Path(image).stem or "image"
+    name, i = f"{stem}_cam.png", 1
+    while name in used:
+        i += 1
+        name = f"{stem}_{i}_cam.png"
+    used.add(name)
+    return cam_dir / name
+
+
+def _write_cams(trained, preds, cam_dir: Path, method: str) -> dict[int, str]:
+    """Each graded photo's map over the photo itself, at its own size: ``{index: path}``."""
+    import numpy as np
+    from PIL import Image
+    from .explain import explain, overlay_on_photo
+    from .inference import decode
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    cams, used = {}, set()
+    for i, p in enumerate(preds):
+        if p.ok:
+            heat = explain(trained, p, method=method).heatmap
+            photo = np.asarray(decode(p.image, p.image))  # full size (the model's copy may be draft-decoded)
+            path = _cam_path(cam_dir, p.image, used)
+            Image.fromarray(overlay_on_photo(photo, heat, p.crop)).save(path)
+            cams[i] = str(path)
+    return cams
+
+
 def cmd_predict(args) -> int:
-    from .explain import predict_cli
-    return predict_cli(args)
+    """Exit 0 when every image was graded, 2 when any was rejected."""
+    from .inference import load_trained
+    from .predict import predict
+    cam_dir = Path(args.cam_dir) if args.cam_dir else None
+    if cam_dir:
+        _check_cam_method(args.cam_method, "--cam-method")
+        if cam_dir.exists() and not cam_dir.is_dir():  # found now, not after grading everything
+            raise UserError(f"--cam-dir {cam_dir}: exists and is not a folder")
+    trained = load_trained(args.run_dir)
+    preds = predict(trained, args.images, tta=args.tta)
+    cams = _write_cams(trained, preds, cam_dir, args.cam_method) if cam_dir else {}
+    source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch}
+    if args.json:
+        _print_json([{**p.as_dict(), **source, "cam": cams.get(i)} if p.ok else p.as_dict()
+                     for i, p in enumerate(preds)])
+    else:
+        print(f"{source['run']}: {source['checkpoint']} (epoch {source['epoch']})", file=sys.stderr)
+        for i, p in enumerate(preds):
+            if not p.ok:
+                print(f"{p.image}: rejected: {p.error.removeprefix(f'{p.image}: ')}")
+                continue
+            detail = (f"score {p.score:.2f}" if p.score is not None
+                      else "p = " + " ".join(f"{q:.2f}" for q in p.probs))
+            cam = f"  cam: {cams[i]}" if i in cams else ""
+            print(f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}{cam}")
+    return 0 if all(p.ok for p in preds) else EXIT_BAD_INPUT
 
 
 def cmd_cam_score(args) -> int:
-    from .explain import cam_score_cli
-    return cam_score_cli(args)
+    """One JSON object with ``--json``, else three readable lines."""
+    from .pointing import cam_score
+    _check_cam_method(args.method, "--method")
+    result = cam_score(args.run_dir, data=args.data, method=args.method, limit=args.limit, contrast=args.contrast)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['method']} on {result['n']} test images of grade >= 2:")
+    print(f"  pointing game hit rate  {result['hit_rate']:.3f}   (random map {result['random_hit_rate']:.3f})")
+    print(f"  heat-map mass in lesions {result['mass_in_mask']:.3f}   (random map {result['random_mass_in_mask']:.3f})")
+    return 0
 
 
 def cmd_screen(args) -> int:
@@ -291,8 +427,9 @@ def _contrast(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m retino", description=__doc__)
-    sub = parser.add_subparsers(dest="verb", required=True)
+    from .config import TrainConfig
+    parser = _Parser(prog="python -m retino", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)  # subparsers are _Parser too
 
     p = sub.add_parser("synth", help="write the synthetic fundus data set")
     p.add_argument("out_dir")
@@ -303,33 +440,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("stats", help="grade counts, majority baseline and problems of a data set")
-    p.add_argument("data_dir")
+    p.add_argument("data_dir", nargs="?", default=TrainConfig().data,
+                   help=f"data-set folder (default: {TrainConfig().data}, as for train)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--deep", action="store_true", help="decode every image (slow), not just headers and ends")
     p.set_defaults(func=cmd_stats)
 
     _train_parser(sub)
 
-    p = sub.add_parser("evaluate", help="metrics of a run's best checkpoint on its test split or another set")
+    p = sub.add_parser("evaluate", help="a run's chosen checkpoint on its test split (or val, or another set), "
+                                        "with patient-level intervals")
     p.add_argument("run_dir")
     p.add_argument("--data", help="data-set folder (default: the run's own)")
-    p.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"])
+    p.add_argument("--split", default="test", type=str.lower, choices=["test", "val"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="two runs on the same test images: B minus A with paired intervals")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--data", help="evaluate both on this data set's test split (default: their own)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="grade photographs with a run's best checkpoint")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--cam-dir", help="write <stem>_cam.png Grad-CAM overlays here")
-    p.add_argument("--cam-method", default="gradcam")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list: grade, grade_name, probs (or score), run, checkpoint, epoch, cam")
+    p.add_argument("--cam-dir", help="write <stem>_cam.png Grad-CAM overlays here, at each photo's own size")
+    p.add_argument("--cam-method", default="gradcam", type=str.lower,
+                   help="gradcam, gradcam++, hirescam, eigencam or layercam (default: gradcam)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and small rotations)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cam-score", help="how well Grad-CAM points at the synthetic lesions")
     p.add_argument("run_dir")
     p.add_argument("--data", help="synthetic data set with masks/ (default: the run's own)")
-    p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, eigencam or layercam")
+    p.add_argument("--method", default="gradcam", type=str.lower,
+                   help="gradcam, gradcam++, hirescam, eigencam or layercam")
     p.add_argument("--contrast", default="0", type=_contrast, metavar="GRADE|none",
                    help="explain logit(true grade) minus logit(GRADE) (default: 0, as the Predict page does); "
                         "'none' explains the plain logit")
@@ -359,46 +508,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    from . import _signals
-    _signals.install()  # first thing: a Stop pressed while torch loads is not lost
+def _named_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (one line, exit 2); anything else is a bug and keeps its traceback."""
     from .config import ConfigError
     from .data import DatasetError, ImageError
+    from .models import WeightsUnavailable
     from .runs import RunError
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line for bad flags
+    return UserError, ConfigError, DatasetError, ImageError, RunError, WeightsUnavailable
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from . import _signals
+        _signals.install()  # first thing for a trainer: a Stop pressed while torch loads is not lost
+    # Every other verb keeps Python's own Ctrl-C (KeyboardInterrupt, exit 130) and SIGTERM (exit).
+    args = build_parser().parse_args(argv)  # a bad flag exits 2 with one line (_Parser.error)
     try:
         return args.func(args)
-    except (UserError, ConfigError, DatasetError, ImageError, RunError, ValueError) as e:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if not isinstance(e, _named_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         _mark_failed(args, e)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return 130
 
 
 def _mark_failed(args, error: Exception) -> None:
-    """A run the dashboard launched that cannot start says why in its status (not "interrupted").
+    """A run the dashboard started that cannot start says why in its status (not "interrupted").
 
-    A refused resume or a busy folder is left as it was: its state is the run's, not this command's.
+    A fresh launch becomes ``failed``; a refused Resume goes back to the state it had, with a note.
+    A busy folder (another trainer holds it) is never touched: its status is that trainer's.
     """
-    if args.verb != "train" or isinstance(error, RunRefused):
+    from . import lifecycle, runs
+    folder = getattr(args, "run_dir", None) or getattr(args, "resume", None) if args.verb == "train" else None
+    if not folder or isinstance(error, lifecycle.RunBusy):
         return
-    folder = getattr(args, "run_dir", None) or getattr(args, "resume", None)
-    if not folder:
-        return
-    from . import runs
     folder = Path(os.path.expanduser(str(folder)))
     try:
         status = runs.read_json(folder / "status.json")
     except (runs.RunError, OSError):
         return
-    if status.get("state") not in runs.ACTIVE:
+    if status.get("state") != "starting":  # only the dashboard writes "starting" before the trainer runs
         return
-    if getattr(args, "resume", None):  # the dashboard's Resume: back to what the run was, with the reason
+    if getattr(args, "resume", None):
         runs.write_status(folder, state=status.get("resume_from") or "stopped", note=f"resume refused: {error}")
-    elif not isinstance(error, runs.RunError):
-        runs.write_status(folder, state="failed", error=str(error))
+    elif not isinstance(error, RunRefused):
+        runs.write_status(folder, state="failed", error=str(error), error_type=type(error).__name__)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")  # ICDR 0-4 (ANCHORS.md)
-GRADE_LABELS = tuple(f"{g} {n}" for g, n in enumerate(GRADE_NAMES))
+from .grades import GRADE_INFO, GRADES, grade_label
+
+GRADE_LABELS = tuple(grade_label(g) for g in GRADES)
 PALETTE = qualitative.Plotly + qualitative.D3[1::2] + qualitative.Dark24  # distinct first, then more
-SPLIT_COLOURS = {"train": "#4C78A8", "test": "#F58518"}
+SPLIT_COLOURS = {"train": "#4C78A8", "val": "#54A24B", "test": "#F58518"}
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
 
@@ -110,20 +111,72 @@ def confusion_matrices(matrices: Mapping[str, np.ndarray], *, normalized: bool =
     return fig
 
 
-def live_curves(rows: Sequence[Mapping]) -> go.Figure:
-    """One run's accuracy and loss per epoch, side by side (the Train page's growing curves)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"), horizontal_spacing=0.12)
+def _has(rows: Sequence[Mapping], key: str) -> bool:
+    return any(r.get(key) is not None for r in rows)
+
+
+def live_curves(rows: Sequence[Mapping], steps: Sequence[Mapping] = ()) -> go.Figure:
+    """One run's curves as they grow (the Train page): accuracy, loss and QWK per epoch, and the
+    per-step train loss with the learning rate.
+
+    ``rows``: metrics.jsonl lines; each of train/val/test is drawn where the rows have it (``val_qwk``
+    from runs that validate, ``test_qwk`` from every run). ``steps``: ``{step, loss, lr}`` records;
+    without them the fourth panel shows each epoch's learning rate (the rows' ``lr``).
+    """
+    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.12, vertical_spacing=0.2,
+                        subplot_titles=("accuracy", "loss", "QWK", "train loss per step" if steps else "learning rate"),
+                        specs=[[{}, {}], [{}, {"secondary_y": bool(steps)}]])
     epochs = [r.get("epoch") for r in rows]
-    for col, metric in ((1, "acc"), (2, "loss")):
+    shown = set()
+    for (row, col), metric in zip(((1, 1), (1, 2), (2, 1)), ("acc", "loss", "qwk")):
         for split, colour in SPLIT_COLOURS.items():
-            values = [r.get(f"{split}_{metric}") for r in rows]
+            key = f"{split}_{metric}"
+            if not _has(rows, key):
+                continue
+            values = [r.get(key) for r in rows]
             if metric == "acc":
                 values = [None if v is None else 100 * v for v in values]
             fig.add_scatter(x=epochs, y=values, mode="lines+markers", name=split, legendgroup=split,
-                            showlegend=col == 1, line=dict(color=colour, dash="dash" if split == "train" else "solid"),
-                            row=1, col=col)
+                            showlegend=split not in shown, row=row, col=col,
+                            line=dict(color=colour, dash="dash" if split == "train" else "solid"))
+            shown.add(split)
+    if steps:
+        x = [s.get("step") for s in steps]
+        fig.add_scatter(x=x, y=[s.get("loss") for s in steps], mode="lines", name="step loss",
+                        line=dict(color=SPLIT_COLOURS["train"], width=1), row=2, col=2)
+        fig.add_scatter(x=x, y=[s.get("lr") for s in steps], mode="lines", name="learning rate",
+                        line=dict(color="#B279A2", dash="dot"), row=2, col=2, secondary_y=True)
+        fig.update_xaxes(title_text="step", row=2, col=2)
+        fig.update_yaxes(title_text="lr", row=2, col=2, secondary_y=True, showgrid=False, exponentformat="e")
+    elif _has(rows, "lr"):
+        fig.add_scatter(x=epochs, y=[r.get("lr") for r in rows], mode="lines+markers", name="learning rate",
+                        line=dict(color="#B279A2"), row=2, col=2)
+        fig.update_yaxes(exponentformat="e", row=2, col=2)
     fig.update_yaxes(ticksuffix="%", row=1, col=1)
-    fig.update_xaxes(title_text="epoch", dtick=1 if len(rows) <= 20 else None)
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), hovermode="x unified",
-                      legend=dict(orientation="h", y=1.15, x=1, xanchor="right"))
+    for row, col in ((1, 1), (1, 2), (2, 1)) + (() if steps else ((2, 2),)):
+        fig.update_xaxes(title_text="epoch", dtick=1 if len(rows) <= 20 else None, row=row, col=col)
+    fig.update_layout(height=480, margin=dict(l=10, r=10, t=30, b=10), hovermode="x unified",
+                      legend=dict(orientation="h", y=1.1, x=1, xanchor="right"))
+    return fig
+
+
+def probabilities(probs: Sequence[float], grade: int) -> go.Figure:
+    """Horizontal bars of P(grade) for one photo, the predicted grade in red (the Predict page)."""
+    labels = [f"{g} · {GRADE_INFO[g]['name']}" for g in GRADES]
+    colours = ["#d62728" if g == grade else "#9aa5b1" for g in GRADES]
+    fig = go.Figure(go.Bar(x=list(probs), y=labels, orientation="h", marker_color=colours,
+                           text=[f"{p:.1%}" for p in probs], textposition="auto"))
+    fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="probability"),
+                      yaxis=dict(autorange="reversed"), height=260, margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+def score_on_thresholds(score: float, thresholds: Sequence[float]) -> go.Figure:
+    """A regress head's raw score as a dot on its axis, the thresholds that cut it into grades dotted."""
+    fig = go.Figure(go.Scatter(x=[score], y=[0], mode="markers+text", text=[f"{score:.2f}"],
+                               textposition="top center", marker=dict(size=14, color="#d62728")))
+    for t in thresholds:
+        fig.add_vline(x=t, line_dash="dot", line_color="#9aa5b1")
+    fig.update_layout(xaxis=dict(range=[min(-0.5, score - 0.5), max(4.5, score + 0.5)], title="raw score"),
+                      yaxis=dict(visible=False), height=160, margin=dict(l=10, r=10, t=10, b=10))
     return fig

@@ -4,8 +4,9 @@ A run here is a plain mapping ``{"label": str, "config": dict, "rows": list[dict
 the run's TrainConfig dict (``config.json["train"]``) and ``rows`` its metrics.jsonl lines. No I/O
 and no Streamlit, so every number the Compare page shows is testable with hand-made rows.
 
-The best epoch is the one with the highest test QWK (the Kaggle metric; see ANCHORS.md: accuracy
-rewards predicting grade 0 for everything), as in the trainer's own ``best.pt``.
+The best epoch is the one with the highest validation QWK (the Kaggle metric; see ANCHORS.md: accuracy
+rewards predicting grade 0 for everything), as in the trainer's own ``best.pt``; test QWK for runs
+made before Retino kept a validation split.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-BEST_BY = "test_qwk"
+from . import metrics
+from .runs import best_row, selected_on  # noqa: F401  (the chosen epoch is the run folder's fact)
+
 # column of the best-epoch table -> key of a metrics.jsonl row
 TABLE_METRICS = {
     "accuracy": "test_acc",
@@ -43,16 +46,8 @@ def _number(value) -> float:
 
 # ----------------------------------------------------------------------------- single runs
 
-def best_row(rows: Sequence[Mapping], key: str = BEST_BY) -> Mapping | None:
-    """The epoch with the highest ``key`` (the earliest on ties); the last epoch if none has a value."""
-    scored = [r for r in rows if not math.isnan(_number(r.get(key)))]
-    if not scored:
-        return rows[-1] if rows else None
-    return max(scored, key=lambda r: (_number(r.get(key)), -_number(r.get("epoch"))))
-
-
 def pick_row(rows: Sequence[Mapping], which: str = "best") -> Mapping | None:
-    """The ``"best"`` (max test QWK) or ``"last"`` epoch's row; None for a run with no epochs."""
+    """The ``"best"`` (max validation QWK, else test) or ``"last"`` epoch's row; None for a run with no epochs."""
     if which not in ("best", "last"):
         raise ValueError(f"Invalid epoch choice {which!r}. Choose best or last.")
     if not rows:
@@ -73,11 +68,14 @@ def confusion_at(rows: Sequence[Mapping], which: str = "best", *, normalize: boo
 
 
 def majority_acc(confusion) -> float:
-    """Accuracy of always predicting the most common true grade: max row sum / total (NaN if empty)."""
+    """Accuracy of always predicting the most common true grade (:func:`retino.metrics.majority_baseline`
+    of the true grades the confusion matrix's rows count); NaN without a matrix or images."""
     if confusion is None:
         return math.nan
-    totals = np.asarray(confusion, dtype=float).sum(axis=1)
-    return float(totals.max() / totals.sum()) if totals.size and totals.sum() > 0 else math.nan
+    totals = np.asarray(confusion, dtype=np.int64).sum(axis=1)  # images per true grade
+    if not totals.size or totals.sum() == 0:
+        return math.nan
+    return metrics.majority_baseline(np.repeat(np.arange(totals.size), totals))["acc"]
 
 
 def run_labels(names: Sequence[str], ids: Sequence[str], configs: Sequence[Mapping]) -> list[str]:
@@ -230,7 +228,7 @@ def run_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             "id": run.get("id", run["label"]), "run": run["label"], "state": run.get("state", "unknown"),
             "arch": cfg.get("arch"), "pretrained": bool(cfg.get("pretrained") or cfg.get("weights")),
             "head": cfg.get("head"), "loss": cfg.get("loss"), "image_size": cfg.get("image_size"),
-            "epochs": f"{len(rows)}/{cfg.get('epochs', '?')}", "best_qwk": _number(best.get(BEST_BY)),
+            "epochs": f"{len(rows)}/{cfg.get('epochs', '?')}", "best_qwk": _number(best.get(f"{selected_on(rows)}_qwk")),
             "best_acc": _number(best.get("test_acc")), "tags": ", ".join(run.get("tags") or []),
             "created": datetime.fromtimestamp(float(run.get("created") or 0))})  # local time, as the user reads it
     return pd.DataFrame(records, columns=["id", "run", "state", "arch", "pretrained", "head", "loss", "image_size",

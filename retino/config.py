@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-ARCHS = ("resnet18", "resnet50")  # kept in step with retino.models.list_models() by a test
+# The choices of every field, defined here only (models.py and metrics.py import them; config.py
+# imports nothing heavy, so the CLI parses flags before torch loads).
+ARCHS = ("resnet18", "resnet50")  # the builders in retino.models, which checks it on import
 HEADS = ("classify", "regress")
 LOSSES = ("ce", "mse", "smoothl1")
 CLASS_WEIGHTS = ("none", "lab", "inverse")
@@ -25,8 +27,10 @@ def _f(default, help: str, choices=None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """One training run's settings; frozen: derive a changed copy with ``dataclasses.replace``."""
+
     # data
     data: str = _f("data/synthetic", "data-set folder (any layout Retino recognises)")
     image_size: int = _f(128, "working size in pixels: images are cropped to the fundus, squared and resized")
@@ -64,8 +68,8 @@ class TrainConfig:
     target_sensitivity: float = _f(0.9, "referable-DR sensitivity the operating point is chosen for, on val")
     # hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", DEVICES)
-    workers: int = _f(2, "data-loader worker processes (decoding without the cache, or feeding a GPU; on a CPU "
-                         "the cache is read in the training process)")
+    workers: str = _f("auto", "worker processes: 'auto' = every core for building the cache, and for the loader "
+                              "what the feed needs (none when reading the cache), or a number")
     amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported); ignored on CPU")
     channels_last: bool = _f(True, "channels_last memory format on CUDA; ignored on CPU")
     compile: bool = _f(False, "torch.compile the model (CUDA only; pays off on long runs)")
@@ -75,6 +79,11 @@ class TrainConfig:
     name: str = _f("", "run name shown in the dashboard (default: derived from the config)")
     keep_last: bool = _f(False, "keep last.pt (weights + optimizer, for --resume --epochs N later) after "
                                 "the run completes")
+
+    def __post_init__(self):
+        # one spelling of workers, whether it came from the CLI ("2"), the form (2) or an older run (2)
+        text = str(self.workers).strip().lower()
+        object.__setattr__(self, "workers", text if text == "auto" or not text.isdigit() else str(int(text)))
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError naming the first bad one."""
@@ -92,8 +101,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
-        if self.workers < 0 or self.eval_batch_size < 0 or self.log_every < 0:
-            raise ConfigError("workers, eval_batch_size and log_every must be >= 0")
+        if self.eval_batch_size < 0 or self.log_every < 0:
+            raise ConfigError("eval_batch_size and log_every must be >= 0")
+        if str(self.workers).strip().lower() != "auto" and not str(self.workers).strip().isdigit():
+            raise ConfigError(f"workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.val_fraction < 0.5:
@@ -140,9 +151,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None,
                                 metavar="BOOL", help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
-                                help=help_text)
+            choices = f.metadata.get("choices")
+            # choices are lower-case names: --arch ResNet18 is resnet18; --arch resnet-18 lists them
+            kind = str.lower if choices else {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
@@ -151,5 +163,66 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
     changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.weights:
-        cfg.pretrained = True
+        cfg = dataclasses.replace(cfg, pretrained=True)
     return cfg.validate()
+
+
+# ----------------------------------------------------------------------------- presets
+
+# The lab report's settings (ANCHORS.md, "The origin"): 512 px plain photos, its augmentation with
+# nearest-neighbour rotation, SGD at a constant 1e-3, class weights 1 - n_k/N, 10 epochs of batch 8.
+LAB_REPORT = {"image_size": 512, "optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
+              "head": "classify", "loss": "ce", "class_weights": "lab", "epochs": 10, "batch_size": 8,
+              "schedule": "constant", "ben_graham": False, "augment": "lab", "interpolation": "nearest",
+              "sampler": "plain"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Settings shared by a preset's runs, and what each of its runs sets on top of them."""
+
+    label: str                      # as the Train page lists it
+    shared: dict                    # TrainConfig fields over the defaults
+    runs: tuple = ({},)             # one dict of fields per run it queues
+    suffixes: tuple = ("",)         # each run's name suffix, after the user's run name
+
+
+PRESETS = {
+    "quick-demo": Preset("Quick demo (CPU)", {}),
+    "lab-report": Preset(
+        "Lab report: ResNet18/50 x scratch/pretrained", LAB_REPORT,
+        runs=tuple({"arch": a, "pretrained": p} for a in ("resnet18", "resnet50") for p in (False, True)),
+        suffixes=tuple(f"{a}-{'pretrained' if p else 'scratch'}" for a in ("resnet18", "resnet50")
+                       for p in (False, True))),
+}
+
+
+def preset_base(name: str) -> TrainConfig:
+    """The defaults with a preset's shared settings: what the form shows and CLI flags apply over."""
+    return dataclasses.replace(TrainConfig(), **_preset(name).shared)
+
+
+def expand_preset(name: str, base_cfg: TrainConfig) -> list[TrainConfig]:
+    """The runs a preset queues: ``base_cfg`` with each run's own fields, validated.
+
+    ``base_cfg`` is usually ``preset_base(name)`` with the user's changes (the form, or the CLI's
+    flags through ``config_from_args``); the runs' own fields (arch, pretrained) override it. With a
+    run name set, a preset of several runs names them ``<name>-resnet18-scratch`` and so on; without
+    one each run keeps the name its config derives (``display_name``).
+    """
+    preset = _preset(name)
+    out = []
+    for fields_, suffix in zip(preset.runs, preset.suffixes):
+        cfg = dataclasses.replace(base_cfg, **fields_)
+        if fields_.get("pretrained") is False and cfg.weights:  # a scratch run starts from no weights file
+            cfg = dataclasses.replace(cfg, weights="")
+        if base_cfg.name and suffix:
+            cfg = dataclasses.replace(cfg, name=f"{base_cfg.name}-{suffix}")
+        out.append(cfg.validate())
+    return out
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"Invalid preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]

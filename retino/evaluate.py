@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import calibration, metrics, runs, stats
 from .grades import REFERABLE_GRADE
+from .inference import Trained, load_trained  # noqa: F401  (moved to retino.inference; old imports keep working)
 
 N_BOOT = 1000
 BOOT_SEED = 0
@@ -175,7 +176,7 @@ def evaluate_run(run_dir, *, data: str | None = None, split: str = "test") -> di
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise runs.RunError(f"{run_dir}: no such run folder")
+        raise runs.RunError(f"{run_dir}: the run folder does not exist")
     if data:
         table = _predict_split(run_dir, data, split)
         chosen = read_chosen(run_dir) or {"selected_on": "test", "temperature": 1.0}
@@ -220,7 +221,7 @@ def _predict_split(run_dir, data: str, split: str, trained=None) -> pd.DataFrame
     from .inference import load_trained
     from .train import Context, load_split, make_loader, pick_device, validate
     trained = trained or load_trained(run_dir)
-    cfg = replace(trained.config, data=str(data), workers=min(trained.config.workers, 2))
+    cfg = replace(trained.config, data=str(data), workers="auto")
     ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
     if split not in ds.splits:
         raise runs.RunError(f"{data}: has no {split} split")

@@ -5,6 +5,7 @@ Streamlit does not stop it. It talks to the dashboard only through its run folde
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,8 +16,7 @@ from pathlib import Path
 
 from . import runs
 from .config import TrainConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .fileio import REPO_ROOT, resolve_data_path
 
 
 def config_to_args(cfg: TrainConfig) -> list[str]:
@@ -40,14 +40,14 @@ def _spawn(run_dir: Path, argv: list[str]) -> int:
 def launch(cfg: TrainConfig, root: Path | None = None) -> Path:
     """Validate ``cfg``, make its run folder and start training it in the background."""
     cfg.validate()
-    cfg.data = str(Path(cfg.data).expanduser().resolve())
-    if cfg.weights:
-        cfg.weights = str(Path(cfg.weights).expanduser().resolve())
+    cfg = dataclasses.replace(cfg, data=str(resolve_data_path(cfg.data).resolve()),
+                              weights=str(resolve_data_path(cfg.weights).resolve()) if cfg.weights else "")
     root = Path(root or runs.runs_root()).resolve()
     run_dir = runs.create_run_dir(root, cfg.display_name())
     # a provisional config so the dashboard can name the run before training writes the full one
-    runs.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time()})
-    runs.write_status(run_dir, state="queued", pid=None, epoch=0, step=0, epochs=cfg.epochs)
+    # "provisional": the trainer recognises its own launch and may write into this non-empty folder
+    runs.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time(), "provisional": True})
+    runs.write_status(run_dir, state="starting", pid=None, epoch=0, step=0, epochs=cfg.epochs)
     pid = _spawn(run_dir, config_to_args(cfg) + ["--run-dir", str(run_dir), "--quiet"])
     runs.write_status(run_dir, pid=pid)
     return run_dir
@@ -60,7 +60,7 @@ def resume(run_dir: Path) -> int:
     if status.get("state") in runs.ACTIVE:
         raise runs.RunError(f"{run_dir.name}: is still {status['state']}; nothing to resume")
     pid = _spawn(run_dir, ["--resume", str(run_dir), "--quiet"])
-    runs.write_status(run_dir, state="queued", pid=pid, error=None)
+    runs.write_status(run_dir, state="starting", pid=pid, error=None, note=None, resume_from=status.get("state"))
     return pid
 
 

@@ -194,6 +194,10 @@ def failure_message(error: BaseException, *, batch_size: int, image_size: int) -
         return (f"CUDA out of memory at batch size {batch_size} and image size {image_size}: "
                 f"lower --batch-size (e.g. {max(1, batch_size // 2)}) or --image-size")
     if isinstance(error, OSError) and error.errno == 28:
+        if str(error).startswith("no space left in"):  # the cache build's own message: folder and MB
+            return str(error)
         where = f" while writing {error.filename}" if error.filename else ""
         return f"no space left on device{where}: free some space, then resume the run"
+    if type(error).__name__ == "TrainingError":  # already a sentence that says what to change
+        return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

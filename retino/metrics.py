@@ -20,9 +20,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-GRADES = (0, 1, 2, 3, 4)
-REFERABLE = 2  # ICDR grade from which a patient is referred: moderate NPDR or worse
-CLASS_WEIGHT_SCHEMES = ("none", "lab", "inverse")
+from .config import CLASS_WEIGHTS
+from .grades import DEFAULT_THRESHOLDS, GRADES, REFERABLE_GRADE
+
 _TARGET_SPEC = 0.90
 
 
@@ -58,7 +58,7 @@ def quadratic_kappa(y_true, y_pred) -> float:
 
 def _referable_metrics(y_true: np.ndarray, y_pred: np.ndarray, score: Optional[np.ndarray]) -> dict:
     """Referable-DR (grade >= 2) sensitivity/specificity of hard predictions, AUC and sens at 90% spec."""
-    ref_true, ref_pred = y_true >= REFERABLE, y_pred >= REFERABLE
+    ref_true, ref_pred = y_true >= REFERABLE_GRADE, y_pred >= REFERABLE_GRADE
     n_pos, n_neg = int(ref_true.sum()), int((~ref_true).sum())
     out = {
         "ref_sens": float((ref_pred & ref_true).sum() / n_pos) if n_pos else None,
@@ -132,7 +132,7 @@ def referable_score_from_probs(probs) -> np.ndarray:
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape[1] != len(GRADES):
         raise ValueError(f"probs must have shape (N, {len(GRADES)}), got {probs.shape}.")
-    return probs[:, REFERABLE:].sum(axis=1)
+    return probs[:, REFERABLE_GRADE:].sum(axis=1)
 
 
 def majority_baseline(y_true) -> dict:
@@ -154,8 +154,8 @@ def class_weights(counts: Sequence[int], scheme: str) -> list[float]:
     and a finite vector stays printable and JSON-serialisable.
     """
     counts_arr = np.asarray(counts, dtype=float)
-    if scheme not in CLASS_WEIGHT_SCHEMES:
-        raise ValueError(f"Unknown class-weight scheme '{scheme}'. Choose one of: {', '.join(CLASS_WEIGHT_SCHEMES)}.")
+    if scheme not in CLASS_WEIGHTS:
+        raise ValueError(f"Unknown class-weight scheme '{scheme}'. Choose one of: {', '.join(CLASS_WEIGHTS)}.")
     if counts_arr.ndim != 1 or not len(counts_arr) or (counts_arr < 0).any():
         raise ValueError(f"counts must be a non-empty list of non-negative counts, got {list(counts)}.")
     total, k = counts_arr.sum(), len(counts_arr)
@@ -174,7 +174,7 @@ def class_weights(counts: Sequence[int], scheme: str) -> list[float]:
 # regression: a score per image, cut into grades by four thresholds
 
 
-def apply_thresholds(scores, thresholds: Sequence[float] = (0.5, 1.5, 2.5, 3.5)) -> np.ndarray:
+def apply_thresholds(scores, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> np.ndarray:
     """Grades 0-4 from scores: grade k for ``thresholds[k-1] <= score < thresholds[k]``."""
     thresholds = np.asarray(thresholds, dtype=float)
     if thresholds.shape != (len(GRADES) - 1,) or np.any(np.diff(thresholds) < 0):
@@ -192,7 +192,7 @@ def _fast_qwk(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(1.0 - (weights * observed).sum() / denom) if denom > 0 else 0.0
 
 
-def fit_thresholds(scores, y_true, init: Sequence[float] = (0.5, 1.5, 2.5, 3.5), *, max_rounds: int = 20) -> list[float]:
+def fit_thresholds(scores, y_true, init: Sequence[float] = DEFAULT_THRESHOLDS, *, max_rounds: int = 20) -> list[float]:
     """Thresholds that maximise QWK of ``apply_thresholds(scores)`` against ``y_true``.
 
     Coordinate search, as in the Kaggle 2015 winners' kappa-optimised cut-offs: each threshold in

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 
-HEADS = ("classify", "regress")
+from .config import ARCHS, HEADS
 _DOWNLOAD_HOST = "download.pytorch.org"
 _PROBE_TIMEOUT_S = 3.0
 
@@ -294,6 +294,7 @@ def resnet50(*, pretrained: bool = False, num_classes: int = 1000, weights_path=
 
 
 _BUILDERS: dict[str, Callable[..., ResNet]] = {"resnet18": resnet18, "resnet50": resnet50}
+assert tuple(_BUILDERS) == ARCHS, "retino.config.ARCHS names the builders, in order"  # the form's and CLI's choices
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
+
 DEFAULT_ROOT = Path("checkpoints")
 ACTIVE = ("starting", "queued", "running")  # states of a run whose trainer should be alive
 HEARTBEAT_STALE_S = 30.0  # a live trainer writes status at least every few seconds
@@ -34,57 +36,6 @@ class RunError(ValueError):
 
 def runs_root() -> Path:
     return Path(os.environ.get("RETINO_RUNS", DEFAULT_ROOT))
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to ``path.tmp-<pid>`` then rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves the previous file in place
-        raise
-    _fsync_dir(path.parent)
-
-
-def json_safe(obj):
-    """``obj`` with NaN and infinities as None: strict JSON (a bare NaN is not JSON), numpy scalars as numbers."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars
-        try:
-            obj = obj.item()
-        except (ValueError, RuntimeError):
-            return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:

@@ -10,12 +10,12 @@ import json
 import os
 from pathlib import Path
 
+from .config import TrainConfig
 from .data import Dataset, read_dataset
 from .data.formats import IMAGE_EXTS
-from .runs import write_json
+from .fileio import REPO_ROOT, resolve_data_path, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = "data/synthetic"  # the embedded synthetic set that `make run` generates
+DEFAULT_DATA = TrainConfig().data  # the embedded synthetic set that `make run` generates, as training's default
 
 
 def settings_path() -> Path:
@@ -31,16 +31,15 @@ def read_settings() -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def resolve_data_path(path: str) -> Path:
-    """A data-set path as typed, made absolute: relative paths are relative to the repository root."""
-    p = Path(str(path).strip()).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def data_path() -> Path:
     """The data-set folder in use (the synthetic set unless the user chose another)."""
     value = read_settings().get("data")
     return resolve_data_path(value if isinstance(value, str) and value.strip() else DEFAULT_DATA)
+
+
+def is_default_data(path) -> bool:
+    """Whether ``path`` is the default data set (the synthetic one ``make data`` generates)."""
+    return Path(path) == resolve_data_path(DEFAULT_DATA)
 
 
 def use_dataset(path: str) -> Dataset:

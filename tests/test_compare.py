@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retino import charts, compare
+from retino import charts, compare, metrics
 from retino.config import TrainConfig
 
 # 10 test images: 7 of grade 0, 1 of grade 1, 2 of grade 2 -> the majority baseline is 70%
@@ -29,6 +29,9 @@ def test_best_epoch_is_max_qwk_not_max_accuracy_nor_last():
     assert compare.pick_row(rows, "last")["epoch"] == 3
     assert compare.best_row([row(1, 0.5, 0.7), row(2, 0.5, 0.9)])["epoch"] == 1  # ties: the earliest
     assert compare.best_row([]) is None
+    chosen_on_val = [row(1, 0.9, 0.8, val_qwk=0.2), row(2, 0.1, 0.7, val_qwk=0.5)]
+    assert compare.best_row(chosen_on_val)["epoch"] == 2  # validation decides, even where test disagrees
+    assert compare.run_table([run("v", chosen_on_val)])["best_qwk"][0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="best or last"):
         compare.pick_row(rows, "first")
 
@@ -69,6 +72,7 @@ def test_confusion_at_counts_and_row_normalised():
     assert norm[3].tolist() == [0.0] * 5  # a grade absent from the test split: zeros, not NaN
     assert compare.confusion_at([], "best") is None
     assert compare.majority_acc(None) != compare.majority_acc(None)  # NaN
+    assert compare.majority_acc(CONF_B) == pytest.approx(metrics.majority_baseline([0] * 7 + [1] + [2] * 2)["acc"])
 
 
 def test_config_diff_only_lists_differences():
@@ -141,7 +145,16 @@ def test_run_table_and_charts_build():
     fig = charts.confusion_matrices(mats)
     assert fig.layout.coloraxis.cmax == 7 and len(fig.data) == 2
     assert charts.confusion_matrices(mats, normalized=True).layout.coloraxis.cmax == 1
-    assert len(charts.live_curves(runs[0]["rows"]).data) == 4
+    assert len(charts.live_curves(runs[0]["rows"]).data) == 5  # train/test x accuracy, loss; test QWK
+    with_lr = charts.live_curves([{**r, "lr": 1e-3} for r in runs[0]["rows"]])
+    assert [t.name for t in with_lr.data if t.xaxis == "x4"] == ["learning rate"]  # per epoch, without steps
+    val_rows = [{**r, "val_qwk": 0.5} for r in runs[0]["rows"]]
+    steps = [{"step": 1, "loss": 1.2, "lr": 1e-3}, {"step": 2, "loss": 1.0, "lr": 9e-4}]
+    fig = charts.live_curves(val_rows, steps)
+    assert [t.name for t in fig.data if t.xaxis == "x3"] == ["val", "test"]  # QWK: whichever the rows have
+    assert [t.name for t in fig.data if t.xaxis == "x4"] == ["step loss", "learning rate"]
+    assert charts.probabilities([0.1, 0.2, 0.4, 0.2, 0.1], 2).data[0].marker.color[2] == "#d62728"
+    assert len(charts.score_on_thresholds(1.7, [0.5, 1.5, 2.5, 3.5]).layout.shapes) == 4
 
 
 def test_filter_runs():

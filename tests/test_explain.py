@@ -1,4 +1,4 @@
-"""retino.explain: predict on every kind of photo, the CAM methods, rejected files, the CLI verbs, the page.
+"""retino.predict, .explain and .pointing: every kind of photo, the CAM methods, rejected files, the CLI verbs, the page.
 
 One tiny classify run and one tiny regress run per session (60 synthetic images at 64 px, 1 epoch):
 the numbers are meaningless, the shapes, ranges, messages and exit codes are not.
@@ -19,11 +19,13 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, run_cli
-from retino import explain, settings
-from retino.data import read_dataset
+from retino import explain, inference, pointing, settings
+from retino.data import ImageError, read_dataset
 from retino.data.preprocess import preprocess
 from retino.data.synthetic import render_fundus
-from retino.evaluate import load_trained
+from retino.grades import GRADE_INFO
+from retino.inference import load_trained
+from retino.predict import TTA_ANGLES, predict, predictions_table, tta_views
 
 SIZE = 64
 REAL = REPO.parent / "shared" / "real_fundus_sample" / "train"
@@ -100,7 +102,7 @@ def test_predict_every_kind_of_photo(trained, fundus, tmp_path):
     upload.name = "upload.jpg"
     upload.read()  # a Streamlit upload an earlier rerun has read to its end
     inputs = [*files, files[1].read_bytes(), upload, rgb, Image.fromarray(grey16)]
-    preds = explain.predict(trained, inputs)
+    preds = predict(trained, inputs)
     assert [p.image for p in preds[:4]] == [str(f) for f in files] and preds[5].image == "upload.jpg"
     for p in preds:
         assert p.ok, p.error
@@ -110,7 +112,8 @@ def test_predict_every_kind_of_photo(trained, fundus, tmp_path):
         assert p.score is None and p.original is not None
     # the same photo as a path, bytes and a PIL image is the same input to the model
     np.testing.assert_array_equal(preds[0].seen, preds[5].seen)
-    assert preds[0].as_dict() == {"image": str(files[0]), "grade": preds[0].grade, "probs": preds[0].probs}
+    assert preds[0].as_dict() == {"image": str(files[0]), "grade": preds[0].grade,
+                                  "grade_name": GRADE_INFO[preds[0].grade]["name"], "probs": preds[0].probs}
 
 
 def test_exif_orientation_is_honoured(trained, fundus, tmp_path):
@@ -122,7 +125,7 @@ def test_exif_orientation_is_honoured(trained, fundus, tmp_path):
     exif[0x0112] = 6  # Orientation: rotate 90 deg clockwise to display
     rotated = _save(stored, tmp_path / "rotated.jpg", exif=exif, quality=95)
     plain = _save(stored, tmp_path / "plain.jpg", quality=95)
-    seen, sideways = (p.seen.astype(float) for p in explain.predict(trained, [rotated, plain]))
+    seen, sideways = (p.seen.astype(float) for p in predict(trained, [rotated, plain]))
     half = SIZE // 2
     assert seen[:, :half].mean() < 0.6 * seen[:, half:].mean()          # dark on the left, as photographed
     assert sideways[half:].mean() < 0.6 * sideways[:half].mean()       # without EXIF: dark at the bottom
@@ -136,7 +139,7 @@ def test_rejected_files_give_one_line_each(trained, fundus, tmp_path):
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(big_png_header())
-    preds = explain.predict(trained, [text, good, truncated, bomb, tmp_path / "missing.jpg"])
+    preds = predict(trained, [text, good, truncated, bomb, tmp_path / "missing.jpg"])
     assert [p.ok for p in preds] == [False, True, False, False, False]
     for p in (preds[0], preds[2], preds[3], preds[4]):
         assert "\n" not in p.error and Path(p.image).name in p.error and p.grade is None
@@ -144,21 +147,21 @@ def test_rejected_files_give_one_line_each(trained, fundus, tmp_path):
     assert "not an image" in preds[0].error
     assert "truncated" in preds[2].error
     assert "MP" in preds[3].error and "limit" in preds[3].error
-    (odd,) = explain.predict(trained, [np.zeros((8, 8, 3), np.uint8)])
+    (odd,) = predict(trained, [np.zeros((8, 8, 3), np.uint8)])
     assert odd.error == "image 1: expected a path, bytes, a file object or a PIL image, got ndarray"
 
 
 def test_tta_averages_probabilities(trained, fundus):
     photo = Image.fromarray(fundus)
-    tta, plain = explain.predict(trained, [photo, photo], tta=True)[0], explain.predict(trained, photo)[0]
+    tta, plain = predict(trained, [photo, photo], tta=True)[0], predict(trained, photo)[0]
     assert abs(sum(tta.probs) - 1) < 1e-5 and tta.grade == int(np.argmax(tta.probs))
-    views = explain._tta_views(torch.rand(2, 3, SIZE, SIZE))
-    assert views.shape == (2 * (2 + len(explain.TTA_ANGLES)), 3, SIZE, SIZE)
+    views = tta_views(torch.rand(2, 3, SIZE, SIZE))
+    assert views.shape == (2 * (2 + len(TTA_ANGLES)), 3, SIZE, SIZE)
     assert tta.probs != plain.probs
 
 
 def test_regress_head(regress_run, fundus):
-    pred = explain.predict(regress_run, [Image.fromarray(fundus)], tta=True)[0]
+    pred = predict(regress_run, [Image.fromarray(fundus)], tta=True)[0]
     assert pred.ok and pred.probs is None and isinstance(pred.score, float) and len(pred.thresholds) == 4
     assert pred.grade == int(np.digitize(pred.score, pred.thresholds))
     e = explain.explain(load_trained(regress_run), pred, target=3)
@@ -169,7 +172,7 @@ def test_regress_head(regress_run, fundus):
 
 @pytest.mark.parametrize("method", explain.list_cam_methods())
 def test_every_method_gives_a_map(trained, fundus, method):
-    pred = explain.predict(trained, [Image.fromarray(fundus)])[0]
+    pred = predict(trained, [Image.fromarray(fundus)])[0]
     e = explain.explain(trained, pred, method=method, image_weight=0.3)
     assert e.heatmap.shape == (SIZE, SIZE) and e.heatmap.dtype == np.float32
     assert 0.0 <= e.heatmap.min() and e.heatmap.max() <= 1.0
@@ -178,7 +181,7 @@ def test_every_method_gives_a_map(trained, fundus, method):
 
 
 def test_target_grade_changes_the_map(trained, fundus):
-    pred = explain.predict(trained, [Image.fromarray(fundus)])[0]
+    pred = predict(trained, [Image.fromarray(fundus)])[0]
     for contrast in (0, None):
         maps = [explain.explain(trained, pred, target=g, contrast=contrast).heatmap for g in (1, 4)]
         assert not np.allclose(maps[0], maps[1], atol=1e-3)
@@ -189,7 +192,7 @@ def test_target_grade_changes_the_map(trained, fundus):
 def test_cut_at_target_layer_gives_the_library_map(trained, fundus):
     """explain stops backward at layer4[-1]; the map is the one pytorch-grad-cam makes by itself."""
     seen = preprocess(fundus, SIZE)
-    x = explain._to_input(seen[None], trained.norm, "cpu")
+    x = inference.model_input(seen[None], "cpu", trained.norm)
     with GradCAM(model=trained.model, target_layers=[trained.model.layer4[-1]]) as cam:
         expected = cam(input_tensor=x, targets=[ClassifierOutputTarget(3)])[0]
     ours = explain.explain(trained, seen, target=3, contrast=None).heatmap
@@ -208,7 +211,7 @@ def test_explain_accepts_a_path_and_rejects_bad_input(trained, fundus, tmp_path)
         explain.explain(trained, path, target=7)
     text = tmp_path / "x.png"
     text.write_text("hello")
-    with pytest.raises(explain.ImageError, match="not an image"):
+    with pytest.raises(ImageError, match="not an image"):
         explain.explain(trained, text)
 
 
@@ -222,7 +225,7 @@ def test_concurrent_requests_on_one_model(trained, fundus):
         try:
             for _ in range(3):
                 results.setdefault(i, []).append(explain.explain(trained, seen[i], target=2).heatmap)
-                explain.predict(trained, [Image.fromarray(seen[i])])
+                predict(trained, [Image.fromarray(seen[i])])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -238,11 +241,11 @@ def test_concurrent_requests_on_one_model(trained, fundus):
 def test_predictions_table(trained, fundus, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("x")
-    table = explain.predictions_table(explain.predict(trained, [Image.fromarray(fundus), bad]))
+    table = predictions_table(predict(trained, [Image.fromarray(fundus), bad]))
     assert list(table.columns) == ["image", "grade", "grade_name", "p0", "p1", "p2", "p3", "p4", "score", "error"]
-    assert table["grade_name"][0] == explain.GRADE_INFO[table["grade"][0]]["name"]
+    assert table["grade_name"][0] == GRADE_INFO[table["grade"][0]]["name"]
     assert table["error"][1].startswith("bad.jpg: not an image")
-    assert set(explain.GRADE_INFO) == set(range(5)) and explain.GRADE_INFO[4]["name"] == "Proliferative DR"
+    assert set(GRADE_INFO) == set(range(5)) and GRADE_INFO[4]["name"] == "Proliferative DR"
 
 
 def test_mask_goes_through_the_image_crop():
@@ -254,24 +257,27 @@ def test_mask_goes_through_the_image_crop():
     spot = (yy - 40) ** 2 + (xx - 100) ** 2 < 6 ** 2
     rgb[spot] = (250, 250, 250)
     mask = spot.astype(np.uint8) * 3
-    lesion = explain._mask_like_model_input(mask, rgb, 48)
+    lesion = pointing._mask_like_model_input(mask, rgb, 48)
     bright = preprocess(rgb, 48).min(2) > 200
     assert lesion.any() and (lesion & bright).sum() >= 0.7 * max(lesion.sum(), bright.sum())
 
 
 # ----------------------------------------------------------------------------- the CLI
 
-def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, tmp_path):
-    images = sorted((synth_dir / "images").glob("*.jpeg"))[:2]
+def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
+    # a data-set photo and a wider one (96 x 72): each map is written over its own photo's size
+    images = [sorted((synth_dir / "images").glob("*.jpeg"))[0], _save(Image.fromarray(fundus), tmp_path / "wide.png")]
     cams = tmp_path / "cams"
     ok = run_cli("predict", run_dir, *images, "--json", "--cam-dir", cams)
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert [o["image"] for o in out] == [str(p) for p in images]
     for o in out:
-        assert set(o) == {"image", "grade", "probs", "cam"} and o["grade"] in range(5) and len(o["probs"]) == 5
+        assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam"}
+        assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
+        assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", 1)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()
-    assert Image.open(out[0]["cam"]).size == (SIZE, SIZE)
+        assert Image.open(o["cam"]).size == Image.open(o["image"]).size  # over the photo, at its own size
 
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
@@ -282,12 +288,58 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, tmp_path):
     assert set(out[1]) == {"image", "error"} and "not an image" in out[1]["error"]
     assert out[0]["cam"] is None and out[2]["grade"] in range(5)
 
-    text = run_cli("predict", run_dir, images[0], bad)
+    text = run_cli("predict", run_dir, images[0], bad, tmp_path / "missing.jpeg")
     assert text.returncode == 2
     lines = text.stdout.strip().splitlines()
-    assert len(lines) == 2 and "grade" in lines[0] and "rejected" in lines[1]
+    assert len(lines) == 3 and "grade" in lines[0] and "rejected" in lines[1]
+    assert GRADE_INFO[int(lines[0].split("grade ")[1].split()[0])]["name"] in lines[0]
+    assert lines[2].count("missing.jpeg") == 1 and "cannot be read" in lines[2]  # named once, not twice
+    assert f"{run_dir}: best.pt (epoch 1)" in text.stderr
     unknown = run_cli("predict", run_dir, images[0], "--cam-dir", cams, "--cam-method", "nonsense")
     assert unknown.returncode == 2 and "Choose one of" in unknown.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    not_a_dir = run_cli("predict", run_dir, images[0], "--cam-dir", a_file)
+    assert not_a_dir.returncode == 2 and "exists and is not a folder" in not_a_dir.stderr
+    assert len(not_a_dir.stderr.strip().splitlines()) == 1
+
+
+def test_cli_predict_and_evaluate_on_a_missing_run_folder(tmp_path):
+    for verb, args in (("predict", [tmp_path / "eye.jpeg"]), ("evaluate", [])):
+        r = run_cli(verb, tmp_path / "no-such-run", *args)
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'no-such-run'}: the run folder does not exist"
+
+
+def test_map_goes_back_over_the_photo():
+    """An off-centre, non-square fundus: a map of the model input lands on the photo where its pixels were."""
+    rgb = np.zeros((90, 140, 3), np.uint8)
+    yy, xx = np.mgrid[:90, :140]
+    rgb[(yy - 50) ** 2 + (xx - 90) ** 2 < 35 ** 2] = (200, 90, 40)
+    spot = (yy - 40) ** 2 + (xx - 100) ** 2 < 6 ** 2
+    rgb[spot] = (250, 250, 250)
+    heat = (preprocess(rgb, 48).min(2) > 200).astype(np.float32)  # the spot, as the model saw it
+    crop = inference.fundus_crop(rgb)
+    back = inference.map_on_photo(heat, crop, rgb.shape[:2])
+    assert back.shape == (90, 140) and back[spot].mean() > 0.5 and back[~spot].mean() < 0.02
+    twice = inference.map_on_photo(heat, crop, (180, 280))  # the same photo decoded at twice the size
+    assert twice[80, 200] > 0.5 and twice[100, 100] == 0
+    photo = explain.overlay_on_photo(rgb, heat, crop, image_weight=0.5)
+    assert photo.shape == (90, 140, 3) and photo.dtype == np.uint8
+    assert photo[40, 100, 0] > photo[40, 100, 2]  # JET red on the spot
+
+
+def test_cli_evaluate_text_is_rounded_with_per_grade_recall(run_dir):
+    import re
+    r = run_cli("evaluate", run_dir)
+    assert r.returncode == 0, r.stderr
+    assert not re.search(r"\d\.\d{5,}", r.stdout)  # rounded: no 0.7333333333333333
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{run_dir}: best.pt (epoch 1) on {read_dataset(json.loads((run_dir / 'config.json').read_text())['train']['data']).root}"
+    start = lines.index("per grade:            recall  precision      n")
+    per_grade = lines[start + 1:start + 6]
+    assert [row.split()[:2] for row in per_grade] == [["0", "No"], ["1", "Mild"], ["2", "Moderate"], ["3", "Severe"],
+                                                      ["4", "Proliferative"]]
+    assert all(0 <= float(row.split()[-3]) <= 1 for row in per_grade)
 
 
 def test_cli_predict_regress_json(regress_run, synth_dir):
@@ -323,7 +375,7 @@ def test_cam_score_needs_masks(run_dir, tmp_path):
     src = Path(json.loads((run_dir / "config.json").read_text())["train"]["data"])
     shutil.copytree(src, tmp_path / "nomasks", ignore=shutil.ignore_patterns("masks"))
     with pytest.raises(ValueError, match="masks"):
-        explain.cam_score(run_dir, data=tmp_path / "nomasks")
+        pointing.cam_score(run_dir, data=tmp_path / "nomasks")
 
 
 # ----------------------------------------------------------------------------- the page
@@ -341,13 +393,15 @@ def test_page_grades_samples(run_dir, regress_run, synth_dir, monkeypatch):
     at = AppTest.from_file(str(REPO / "pages" / "predict.py"), default_timeout=120).run()
     assert not at.exception, at.exception
     assert any("Upload" in i.value for i in at.info)
-    picked = [str(p) for p in read_dataset(synth_dir).splits["test"]["path"][:2]]
+    test = read_dataset(synth_dir).splits["test"]
+    picked = [str(p) for p in test["path"][:2]]
     at.multiselect(key="predict.samples").set_value(picked).run()
     for label in ("regress", "classify"):
         runs = at.selectbox(key="predict.run")
         runs.select_index([i for i, o in enumerate(runs.options) if label in o][0]).run()
         assert not at.exception, at.exception
         assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2
+        assert at.dataframe[0].value["true_grade"].tolist() == test["grade"][:2].tolist()  # labelled samples
         assert at.subheader and at.subheader[0].value.startswith("Grade ")
         assert len(at.get("plotly_chart")) == 1 and len(at.get("download_button")) == 1
     at.selectbox(key="predict.method").set_value("layercam").run()
@@ -357,6 +411,7 @@ def test_page_grades_samples(run_dir, regress_run, synth_dir, monkeypatch):
     captions = [img.caption for el in at.get("image") for img in el.proto.imgs]
     assert captions == ["The photograph", f"What the model saw ({SIZE} px)",
                         "layercam: evidence for grade 4 over grade 0"]
+    assert any(c.value.startswith(f"The map has 2 x 2 cells") and "64 px / 32" in c.value for c in at.caption)
 
 
 def test_page_uploads_and_a_rejected_one(run_dir, fundus, monkeypatch):
@@ -372,6 +427,7 @@ def test_page_uploads_and_a_rejected_one(run_dir, fundus, monkeypatch):
     assert [e.value for e in at.error] == ["notes.jpg: not an image Retino can read; expected a JPEG or PNG"]
     table = at.dataframe[0].value
     assert list(table["image"]) == ["eye.png", "notes.jpg"] and table["grade"].notna().tolist() == [True, False]
+    assert "true_grade" not in table  # uploads carry no label
     at.selectbox(key="predict.method").set_value("eigencam").run()
     assert not at.exception, at.exception
     assert at.selectbox(key="predict.target").disabled
@@ -386,7 +442,7 @@ def test_real_camera_photographs(trained):
     """Two 12-16 MP camera JPEGs: decoded at reduced scale, cropped to the fundus, graded, explained."""
     photos = sorted(REAL.glob("1[05]_left.jpeg"))
     assert photos
-    for p in explain.predict(trained, photos):
+    for p in predict(trained, photos):
         assert p.ok, p.error
         assert p.seen.shape == (SIZE, SIZE, 3) and max(p.original.size) <= 1024
         assert explain.explain(trained, p).heatmap.max() <= 1.0

@@ -54,11 +54,21 @@ def test_corrupt_exif_falls_back_to_no_rotation_with_a_warning(tmp_path, retag, 
     assert error.split(".")[-1] in type(raised.value).__name__
     path = tmp_path / "corrupt exif.jpeg"
     path.write_bytes(data)
-    img = load_image(path)
+    img = load_image(str(path))            # a str path is named whole (a Path by its file name)
     assert img.size == (24, 16)            # not rotated
     assert np.asarray(img)[:, :4].mean() > 200
     assert img.info["warnings"] == [f"{path}: EXIF orientation unreadable; shown unrotated"]
     assert preprocess(img, 32).shape == (32, 32, 3)
+
+
+def test_corrupt_exif_on_a_decoded_image_too():
+    """``exif_upright`` is what a caller holding a PIL image (the Predict page's) uses."""
+    from retino.data import exif_upright
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = Image.open(io.BytesIO(corrupt_exif_jpeg(b"\x01\x07")))
+        upright, notes = exif_upright(img, "eye.jpg")
+    assert upright is img and notes == ["eye.jpg: EXIF orientation unreadable; shown unrotated"]
 
 
 def test_a_readable_exif_gives_no_warning():
@@ -80,7 +90,7 @@ def test_thin_strip_is_refused_before_decoding(tmp_path, width, height):
     path = tmp_path / "strip.png"
     path.write_bytes(png_strip(width, height))
     with pytest.raises(ImageError) as e:
-        load_image(path)
+        load_image(str(path))
     msg = str(e.value)
     assert f"{width} x {height}" in msg and f"{MAX_ASPECT}:1" in msg and str(path) in msg
     assert len(msg.splitlines()) == 1
@@ -158,7 +168,7 @@ def test_bytes_read_are_capped_not_the_reported_size(tmp_path, monkeypatch):
 def test_missing_image_is_named_once(tmp_path):
     path = tmp_path / "999_left.jpeg"
     with pytest.raises(ImageError) as e:
-        load_image(path)
+        load_image(str(path))
     assert str(e.value).count("999_left") == 1
     assert e.value.path == str(path)
     assert e.value.reason.startswith("cannot be read") and "999_left" not in e.value.reason
@@ -170,7 +180,7 @@ def test_every_data_layer_image_error_carries_path_and_reason(tmp_path):
         path = tmp_path / "x.png"
         path.write_bytes(data)
         with pytest.raises(ImageError) as e:
-            load_image(path)
+            load_image(str(path))
         assert str(e.value) == f"{path}: {e.value.reason}" and str(path) not in e.value.reason
 
 

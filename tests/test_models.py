@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from retino import models
+from retino import config, models
 from retino.models import (
     WeightsUnavailable,
     build_model,
@@ -18,7 +18,7 @@ from retino.models import (
 )
 
 ARCHS = list_models()
-HEADS = ["classify", "regress"]
+HEADS = list(config.HEADS)
 _WEIGHTS = {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
             "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2}
 

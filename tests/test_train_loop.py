@@ -126,3 +126,33 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_process(tmp_path):
     b = train.split_metrics(single, split.labels, head="classify", thresholds=None, criterion=crit, prefix="")
     assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_two_nodes_on_localhost_through_torchruns_rendezvous(tiny_data, tmp_path):
+    """Two torchrun launches with --nnodes 2 on 127.0.0.1 (gloo), each node with its own image cache."""
+    import socket
+    import subprocess
+
+    from conftest import REPO, TINY_TRAIN
+    from retino import runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RETINO_CACHE": str(tmp_path / f"cache-node{node}")}
+        cmd = [str(torchrun), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "retino-test",
+               "-m", "retino", "train", "--data", str(tiny_data), "--run-dir", str(run), "--device", "cpu",
+               *TINY_TRAIN]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2]  # global rank 0 alone wrote
+    assert runs.read_json(run / "config.json")["world_size"] == 2
+    assert runs.check_run(run) == [] and runs.read_status(run)["state"] == "completed"
+    for node in (0, 1):  # each node built (or reused) its own local cache
+        assert list((tmp_path / f"cache-node{node}").glob("*.npy"))

@@ -58,7 +58,7 @@ def file_kind(mode: int) -> str:
     return next((word for test, word in _KINDS if test(mode)), "not a regular file")
 
 
-def _too_large(name: str, size: str) -> ImageError:
+def _too_large(name: str, size: str = "the file") -> ImageError:
     return ImageError(name, f"{size} is larger than the {MAX_BYTES // 2**20} MB limit")
 
 
@@ -85,14 +85,12 @@ def read_regular_file(path, name: str | None = None) -> bytes:
     except OSError as e:
         raise ImageError(name, f"cannot be read ({e.strerror or type(e).__name__})") from None
     if len(data) > MAX_BYTES:  # it grew since the stat
-        raise _too_large(name, f"more than {MAX_BYTES // 2**20} MB")
+        raise _too_large(name)
     return data
 
 
 def _name(src) -> str:
-    if isinstance(src, (str, os.PathLike)):  # the whole path (a Path's .name would drop the folder)
-        return os.fsdecode(src)
-    return str(getattr(src, "name", None) or "upload")
+    return getattr(src, "name", None) or (str(src) if isinstance(src, (str, os.PathLike)) else "upload")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -107,6 +105,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def exif_upright(img: Image.Image, name: str) -> tuple[Image.Image, list[str]]:
+    """``ImageOps.exif_transpose``, or the image unrotated with a warning naming ``name`` when its
+    EXIF cannot be read (issue 15: a flipped byte raised struct.error or TypeError)."""
+    try:
+        return ImageOps.exif_transpose(img), []
+    except Exception:  # noqa: BLE001 - Pillow raises struct.error, TypeError, ValueError, ... for bad EXIF
+        return img, [f"{name}: EXIF orientation unreadable; shown unrotated"]
 
 
 def load_image(src, *, target: int | None = None) -> Image.Image:
@@ -132,10 +139,9 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
     else:
         data = read_regular_file(src, name)
     if len(data) > MAX_BYTES:
-        raise _too_large(name, f"more than {MAX_BYTES // 2**20} MB")
+        raise _too_large(name)
     if not data:
         raise ImageError(name, "the file is empty (0 bytes); expected a JPEG or PNG image")
-    notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -150,10 +156,7 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
             if target and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 img.draft("RGB", (target, target))  # decode at 1/2, 1/4 or 1/8 scale when that still fits
             img.load()
-            try:
-                img = ImageOps.exif_transpose(img)  # before the crop: the photographer's "up" is ours
-            except Exception:  # noqa: BLE001 - malformed EXIF raises struct.error, TypeError, ... (issue 15)
-                notes.append(f"{name}: EXIF orientation unreadable; shown unrotated")
+            img, notes = exif_upright(img, name)  # before the crop: the photographer's "up" is ours
             rgb = _to_rgb(img)
             rgb.info["warnings"] = notes
             return rgb

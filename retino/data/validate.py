@@ -117,18 +117,20 @@ def find_leakage(ds: Dataset, *, scan: pd.DataFrame | None = None) -> tuple[dict
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             first, second = ds.splits[a], ds.splits[b]
-            shared = set(first["image"]) & set(second["image"])
-            named = set(second.loc[second["image"].isin(shared), "patient"])
-            for _, row in second[second["image"].isin(shared)].iterrows():
-                problems.append({"file": shown_path(row["path"]), "kind": "leakage",
-                                 "error": f"{shown_path(row['path'])}: image {row['image']!r} is in both {a} and {b}"})
-            common = set(first["patient"]) & set(second["patient"])
-            for patient in sorted(common - named, key=str):
-                seen_a = first.loc[first["patient"] == patient, "image"].tolist()
-                seen_b = second.loc[second["patient"] == patient, "path"].tolist()
-                problems.append({"file": shown_path(seen_b[0]), "kind": "leakage",
-                                 "error": f"{shown_path(seen_b[0])}: patient {patient!r} is in both {a} "
-                                          f"({', '.join(seen_a[:3])}) and {b}"})
+            shared = set(first["image"].tolist()) & set(second["image"].tolist())
+            leaked = second[second["image"].isin(shared)]
+            for image, path in zip(leaked["image"].tolist(), leaked["path"].tolist()):
+                problems.append({"file": shown_path(path), "kind": "leakage",
+                                 "error": f"{shown_path(path)}: image {image!r} is in both {a} and {b}"})
+            common = set(first["patient"].tolist()) & set(second["patient"].tolist())
+            other = common - set(leaked["patient"].tolist())  # patients not named through a shared image
+            seen_a = first[first["patient"].isin(other)].groupby("patient")["image"].agg(list).to_dict()
+            seen_b = second[second["patient"].isin(other)].groupby("patient")["path"].first().to_dict()
+            for patient in sorted(other, key=str):
+                shown = shown_path(seen_b[patient])
+                problems.append({"file": shown, "kind": "leakage",
+                                 "error": f"{shown}: patient {patient!r} is in both {a} "
+                                          f"({', '.join(seen_a[patient][:3])}) and {b}"})
             if shared or common:
                 cell(a, b).update(images=len(shared), patients=len(common))
             images |= shared
