@@ -385,30 +385,28 @@ def cmd_cam_score(args) -> int:
 
 
 def cmd_screen(args) -> int:
-    """``python -m retino screen``: exit 0 when the folder was screened (bad files are rows), 130 when stopped."""
-    from ._signals import STOP
-    from .screen import screen
-    again = "run the same command again to continue"
+    """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
+    from .screen import ScreenError, screen
     try:
         result = screen(_user_path(args.run_dir, "RUN_DIR"), _user_path(args.folder, "FOLDER"),
                         _user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
                         workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
-                        progress=not args.quiet, stop=STOP)
+                        progress=not args.quiet)
+    except ScreenError as e:
+        raise UserError(str(e)) from None
     except KeyboardInterrupt:
-        print(f"interrupted: the photos graded so far are in the report; {again}", file=sys.stderr)
+        print("interrupted: the photos graded so far are in the report; run the same command again to continue",
+              file=sys.stderr)
         return 130
     s = result.summary()
     if args.json:
         _print_json(s)
-    else:
-        print(f"{s['photos']} photos ({s['skipped']} already in the report): {s['graded']} graded "
-              f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
-        print(f"{s['patients']} patients, {s['referable_patients']} referable: P(grade >= 2) or score >= "
-              f"{s['threshold']:.4g} ({s['threshold_source']})")
-        print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
-    if not result.complete:
-        print(f"stopped after {result.new} photos; {again}", file=sys.stderr)
-        return 130
+        return 0
+    print(f"{s['photos']} photos ({s['skipped']} already in the report): {s['graded']} graded "
+          f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
+    print(f"{s['patients']} patients, {s['referable_patients']} referable: P(grade >= 2) or score >= "
+          f"{s['threshold']:.4g} ({s['threshold_source']})")
+    print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0
 
 

@@ -357,14 +357,15 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ScreenError("device cuda: no CUDA GPU is available here; use cpu or auto")
+    photos, problems = find_photos(folder)  # the cheap refusals first, before torch loads a model
+    run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
+    paths = report_paths(out if out is not None else default_report(folder, run_dir))
     trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
         else inference.as_trained(run)
     head = trained.config.head
     chosen = read_chosen(trained.run_dir)
     temperature = float((chosen or {}).get("temperature") or 1.0) if head != "regress" else 1.0
     cut, source = referral_cut(chosen, head)
-    photos, problems = find_photos(folder)
-    paths = report_paths(out if out is not None else default_report(folder, trained.run_dir))
     key = {"run": str(Path(trained.run_dir).resolve()), "checkpoint": getattr(trained, "checkpoint", "best.pt"),
            "checkpoint_id": _checkpoint_id(trained), "folder": str(Path(folder).resolve()), "tta": bool(tta),
            "quality_gate": bool(quality_gate), "threshold": cut, "temperature": temperature}

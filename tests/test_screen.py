@@ -118,6 +118,13 @@ def test_cli_screens_a_folder_with_bad_files(classify_run, photos, tmp_path):
     assert json.loads(out.with_name("day.json").read_text())["summary"]["complete"] is True
 
 
+def test_cli_refuses_a_missing_folder_in_one_line(classify_run, tmp_path):
+    result = run_cli("screen", classify_run, tmp_path / "nowhere", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: does not exist; expected a "
+                                                  f"folder of JPEG or PNG photographs"]
+
+
 # ----------------------------------------------------------------------------- resuming
 
 def test_interrupted_screen_resumes_without_duplicates(classify_run, photos, tmp_path):
@@ -274,6 +281,14 @@ def test_quality_gate_rejects_a_non_fundus_and_flags_a_dark_one(classify_run, ph
 
 
 # ----------------------------------------------------------------------------- the page
+
+def test_screen_page_without_runs_says_what_to_do():
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("pages/screen.py").run()
+    assert not at.exception, at.exception
+    assert any("No completed run" in i.value for i in at.info) and not at.main.button
+
 
 def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
     root = runs.runs_root()
