@@ -6,7 +6,7 @@ loader against Retino's, on the same images, with the same batch size and number
                    ToTensor; a DataLoader with shuffle and W workers; batches moved to the device
   retino           Retino's warm pipeline doing the lab's augmentation (flip, +-30 deg rotation with
                    nearest resampling, as RandomRotation's default): the decode-once cache already
-                   built, the loader from ``retino.train.make_loader`` over ``CachedImages``, then
+                   built, the loader from ``retino.data.loaders.make_loader`` over ``CachedImages``, then
                    ``to_input(batch, device, norm, mode="lab", interpolation="nearest")``: exactly
                    what ``train_one_epoch`` does before the model, normalised float input included
   retino_bilinear  the same with bilinear rotation (Retino's default ``--interpolation``)
@@ -46,13 +46,11 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retino.config import TrainConfig  # noqa: E402
 from retino.data import read_dataset  # noqa: E402
 from retino.data.cache import build_cache, cache_root  # noqa: E402
-from retino.data.loaders import CachedImages, to_input  # noqa: E402
+from retino.data.loaders import CachedImages, make_loader, to_input  # noqa: E402
 from retino.models import normalization  # noqa: E402
 from retino.data.preprocess import load_and_preprocess, load_image, preprocess  # noqa: E402
-from retino.train import Context, Split, make_loader, pick_device  # noqa: E402
 
 REAL_SAMPLE = ROOT.parent / "shared" / "real_fundus_sample" / "train"
 TARGET_RATIO = 5.0  # issue 6: the warm pipeline delivers >= 5x the lab loader's images/s
@@ -93,10 +91,14 @@ def lab_loader(root, names, labels, batch_size: int, workers: int) -> data.DataL
 # ----------------------------------------------------------------------------- Retino's pipeline
 
 def retino_loader(cache_path, indices, labels, batch_size: int, workers: int, device) -> data.DataLoader:
-    """Retino's training loader (``make_loader``: EpochSampler, pinned memory on CUDA) over the cache."""
-    cfg = TrainConfig(batch_size=batch_size, workers=workers)
-    split = Split(CachedImages(cache_path, indices, labels), np.asarray(labels), [])
-    return make_loader(split, cfg, Context(torch.device(device)), train=True)
+    """Retino's training loader (``retino.data.loaders.make_loader``: whole sorted batches read at once,
+    pinned memory on CUDA; on a CPU row views read in this process) over the cache."""
+    return make_loader(CachedImages(cache_path, indices, labels), batch_size=batch_size, train=True, seed=0,
+                       device_type=torch.device(device).type, workers=workers)
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # ----------------------------------------------------------------------------- data

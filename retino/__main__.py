@@ -285,12 +285,22 @@ def cmd_compare(args) -> int:
 
 
 def cmd_check_run(args) -> int:
-    from .runs import check_run
-    problems = check_run(Path(args.run_dir))
+    """Whole or not (exit 1), and in either case the run's state, epochs and missing checkpoints."""
+    from .runs import check_run, run_summary
+    folder = Path(args.run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run folder")
+    problems = check_run(folder)
+    summary = run_summary(folder)
     if args.json:
-        _print_json({"run": args.run_dir, "whole": not problems, "problems": problems})
+        _print_json({"run": args.run_dir, "whole": not problems, "problems": problems, **summary})
     else:
         print(f"{args.run_dir}: " + ("whole" if not problems else "NOT whole"))
+        epochs = f"{summary['epochs_done']}/{summary['epochs']}" if summary["epochs"] else str(summary["epochs_done"])
+        error = f" ({summary['error']})" if summary["state"] == "failed" and summary["error"] else ""
+        print(f"  state {summary['state']}{error}; epochs {epochs}; "
+              f"{'missing ' + ', '.join(summary['missing']) if summary['missing'] else 'both checkpoints present'}; "
+              f"{summary['resume']}")
         for p in problems:
             print(f"  {p}")
     return 0 if not problems else 1

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from retino.metrics import GRADES, REFERABLE, _grades
+from .grades import GRADES, REFERABLE_GRADE as REFERABLE
+from .metrics import _grades
 
 _K = len(GRADES)
 # Bounds of the temperature search: a 400-fold range around 1, far wider than a trained network's

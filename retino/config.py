@@ -68,8 +68,8 @@ class TrainConfig:
     target_sensitivity: float = _f(0.9, "referable-DR sensitivity the operating point is chosen for, on val")
     # hardware
     device: str = _f("auto", "auto = cuda when available, else cpu", DEVICES)
-    workers: int = _f(2, "data-loader worker processes (decoding without the cache, or feeding a GPU; on a CPU "
-                         "the cache is read in the training process)")
+    workers: str = _f("auto", "worker processes: 'auto' = every core for building the cache, and for the loader "
+                              "what the feed needs (none when reading the cache), or a number")
     amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported); ignored on CPU")
     channels_last: bool = _f(True, "channels_last memory format on CUDA; ignored on CPU")
     compile: bool = _f(False, "torch.compile the model (CUDA only; pays off on long runs)")
@@ -79,6 +79,11 @@ class TrainConfig:
     name: str = _f("", "run name shown in the dashboard (default: derived from the config)")
     keep_last: bool = _f(False, "keep last.pt (weights + optimizer, for --resume --epochs N later) after "
                                 "the run completes")
+
+    def __post_init__(self):
+        # one spelling of workers, whether it came from the CLI ("2"), the form (2) or an older run (2)
+        text = str(self.workers).strip().lower()
+        object.__setattr__(self, "workers", text if text == "auto" or not text.isdigit() else str(int(text)))
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError naming the first bad one."""
@@ -96,8 +101,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 10], got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
-        if self.workers < 0 or self.eval_batch_size < 0 or self.log_every < 0:
-            raise ConfigError("workers, eval_batch_size and log_every must be >= 0")
+        if self.eval_batch_size < 0 or self.log_every < 0:
+            raise ConfigError("eval_batch_size and log_every must be >= 0")
+        if str(self.workers).strip().lower() != "auto" and not str(self.workers).strip().isdigit():
+            raise ConfigError(f"workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.val_fraction < 0.5:

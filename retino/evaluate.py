@@ -221,7 +221,7 @@ def _predict_split(run_dir, data: str, split: str, trained=None) -> pd.DataFrame
     from .inference import load_trained
     from .train import Context, load_split, make_loader, pick_device, validate
     trained = trained or load_trained(run_dir)
-    cfg = replace(trained.config, data=str(data), workers=min(trained.config.workers, 2))
+    cfg = replace(trained.config, data=str(data), workers="auto")
     ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
     if split not in ds.splits:
         raise runs.RunError(f"{data}: has no {split} split")

@@ -26,7 +26,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from retino.metrics import GRADES, REFERABLE, _grades
+from .grades import GRADES, REFERABLE_GRADE as REFERABLE
+from .metrics import _grades
 
 _K = len(GRADES)
 METRICS = ("qwk", "accuracy", "macro_f1", "referable_auc", "sensitivity", "specificity")

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 from . import lifecycle, metrics, runs
 from .config import TrainConfig
 from .data import DatasetError, read_dataset
-from .data.cache import build_cache
-from .data.loaders import CachedImages, DecodedImages, EpochSampler, rows_collate, to_input
+from .data.cache import build_cache, local_group, node_barrier
+from .data.loaders import CachedImages, DecodedImages, epoch_seed, resolve_workers, to_input
+from .data.loaders import make_loader as data_loader
 from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
 
@@ -50,6 +51,7 @@ class Context:
     device: torch.device
     rank: int = 0
     world: int = 1
+    barrier: object = None  # this machine's ranks (cache building under torchrun), None alone
 
     @property
     def main(self) -> bool:
@@ -84,7 +86,7 @@ def setup_context(cfg: TrainConfig) -> Context:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Context(device, rank, world)
+    return Context(device, rank, world, barrier=node_barrier() if world > 1 else None)
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,13 +102,22 @@ class Split:
         return self.frame["grade"].to_numpy(dtype=np.int64)
 
 
-def load_split(df: pd.DataFrame, cfg: TrainConfig, *, progress: bool, desc: str) -> Split:
-    """A split's images as a torch Dataset: from the decode-once cache, or decoded per item."""
+def load_split(df: pd.DataFrame, cfg: TrainConfig, *, progress: bool, desc: str, ctx: Context | None = None) -> Split:
+    """A split's images as a torch Dataset: from the decode-once cache, or decoded per item.
+
+    Under torchrun the ranks of a machine build the cache together, each its share of the rows.
+    Unreadable images are left out (and listed in ``skipped``) either way.
+    """
     paths, labels = df["path"].tolist(), df["grade"].to_numpy(dtype=np.int64)
     if not cfg.cache:
-        return Split(DecodedImages(paths, labels, cfg.image_size, cfg.ben_graham), df.reset_index(drop=True), [])
-    cache = build_cache(paths, cfg.image_size, ben_graham=cfg.ben_graham, workers=cfg.workers,
-                        progress=progress, desc=desc)
+        ds = DecodedImages(paths, labels, cfg.image_size, cfg.ben_graham)
+        kept = df[df["path"].isin(set(ds.paths))] if ds.skipped else df
+        return Split(ds, kept.reset_index(drop=True), ds.skipped)
+    local_rank, local_world = local_group() if ctx is not None and ctx.world > 1 else (0, 1)
+    cache = build_cache(paths, cfg.image_size, ben_graham=cfg.ben_graham, progress=progress, desc=desc,
+                        workers=resolve_workers(cfg.workers, purpose="cache", local_world=local_world),
+                        rank=local_rank, world=local_world, barrier=ctx.barrier if ctx else None,
+                        stop=lifecycle.STOP)
     keep = np.flatnonzero(cache.ok)
     skipped = [(paths[i], cache.errors[i]) for i in sorted(cache.errors)]
     return Split(CachedImages(cache.path, keep, labels[keep]), df.iloc[keep].reset_index(drop=True), skipped)
@@ -123,22 +134,16 @@ def check_split(split: Split, name: str, data: str) -> None:
     raise DatasetError(f"{data}: the {name} split has no images")
 
 
-def make_loader(split: Split, cfg: TrainConfig, ctx: Context, *, train: bool) -> DataLoader:
-    """Train: the epoch sampler, sharded by rank. Evaluation: this rank's shard, in order, unpadded."""
-    if train:
-        sampler = EpochSampler(split.labels, balanced=cfg.sampler == "balanced", shuffle=True,
-                               seed=cfg.seed, rank=ctx.rank, world=ctx.world)
-    else:
-        sampler = list(range(len(split.frame)))[ctx.rank::ctx.world]
-    batch = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
-    # On a CPU device the cache is read in this process: a row is a memory-mapped read, cheaper than
-    # handing it between processes, and worker processes would take cores from the model and the
-    # augmentation (bench/data_pipeline.py: 1.6-2.4x the images/s of 2 workers on 2 cores).
-    in_process = ctx.device.type == "cpu" and isinstance(split.dataset, CachedImages)
-    workers = 0 if in_process else cfg.workers
-    return DataLoader(split.dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      drop_last=False, collate_fn=rows_collate if in_process else None)
+def make_loader(split: Split, cfg: TrainConfig, ctx: Context, *, train: bool):
+    """Train: whole shuffled batches, this rank's share. Evaluation: this rank's shard, in order, unpadded.
+
+    On a CPU the cache is read in this process; on a GPU a thread reads whole batches into pinned
+    memory (retino/data/feeder.py), so the copy overlaps the step.
+    """
+    return data_loader(split.dataset, batch_size=cfg.batch_size if train else (cfg.eval_batch_size or
+                                                                                 2 * cfg.batch_size),
+                       train=train, labels=split.labels, balanced=cfg.sampler == "balanced", seed=cfg.seed,
+                       rank=ctx.rank, world=ctx.world, device_type=ctx.device.type, workers=cfg.workers)
 
 
 # ----------------------------------------------------------------------------- model and optimiser
@@ -246,6 +251,8 @@ def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: Trai
     state.to(ctx.device)
     cadence, t_last, step_last = Cadence(cfg.log_every), time.monotonic(), state.step
     for images, labels in lifecycle.batches(loader):
+        if len(labels) == 0:  # every image of the batch broke since the scan (uncached; each named once)
+            continue
         x = to_input(images, ctx.device, norm, mode=cfg.augment, gen=gen, interpolation=cfg.interpolation,
                      channels_last=cfg.channels_last)  # (B, 3, H, W)
         y = labels.to(ctx.device, non_blocking=True)  # (B,)
@@ -297,7 +304,9 @@ def validate(model, loader, *, cfg: TrainConfig, ctx: Context, norm) -> np.ndarr
     """
     model.eval()
     outs = []
-    for images, _ in loader:
+    for images, labels in loader:
+        if len(labels) == 0:
+            continue
         x = to_input(images, ctx.device, norm, channels_last=cfg.channels_last)
         with autocast(cfg, ctx.device):
             outs.append(model(x).float())
@@ -368,6 +377,8 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
     ctx = setup_context(cfg)
     lifecycle.install_stop_handlers()
     beat = None
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     with (lifecycle.run_lock(run_dir) if ctx.main else contextlib.nullcontext()):
         if ctx.main:
             beat = lifecycle.Heartbeat(run_dir, {"state": "starting", "pid": os.getpid(), "epoch": 0, "step": 0,
@@ -412,7 +423,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     for name in ("train", "val", "test"):
         if beat:
             beat.update(phase=f"caching {name} images")
-        splits[name] = load_split(ds.splits[name], cfg, progress=show, desc=f"cache {name}")
+        splits[name] = load_split(ds.splits[name], cfg, progress=show, desc=f"cache {name}", ctx=ctx)
         check_split(splits[name], name, cfg.data)
     train_loader = make_loader(splits["train"], cfg, ctx, train=True)
     eval_loaders = {name: make_loader(splits[name], cfg, ctx, train=False) for name in ("val", "test")}
@@ -426,7 +437,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     if ctx.device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(train_loader.sampler.per_rank / cfg.batch_size)
+    steps_per_epoch = train_loader.batch_sampler.steps
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     criterion = make_criterion(cfg, splits["train"].labels)
     gen = torch.Generator()
@@ -459,9 +470,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     for epoch in range(start_epoch, cfg.epochs + 1):
         state = EpochState.from_dict(partial) if partial is not None else EpochState()
         if partial is None:
-            gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+            gen.manual_seed(epoch_seed(cfg.seed, epoch))
         partial = None
-        train_loader.sampler.set_epoch(epoch, start=state.step * cfg.batch_size)
+        train_loader.batch_sampler.set_epoch(epoch, start=state.step * cfg.batch_size)
         t0, seen0 = time.time(), state.seen
         bar = tqdm(total=steps_per_epoch, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not show, leave=False)
@@ -505,6 +516,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
                 raise
             return save_partial()  # trained but not evaluated: Resume goes straight to the evaluation
         eta.eval_took(time.time() - t_eval)
+        for name in outputs if ctx.main else ():
+            if len(outputs[name]) != len(splits[name].frame):
+                raise DatasetError(f"{cfg.data}: {len(splits[name].frame) - len(outputs[name])} {name} images "
+                                   f"broke while decoding (named above); fix them, or train with --cache true")
+        if ctx.main and not all(np.isfinite(o).all() for o in outputs.values()):
+            raise TrainingError(f"loss became NaN at epoch {epoch} step {state.step}: the model's outputs are no "
+                                f"longer finite (lr {cfg.lr:g}): lower --lr")
         if ctx.main:
             if cfg.head == "regress":  # thresholds optimised for QWK on val predictions, never on test
                 thresholds = metrics.fit_thresholds(outputs["val"].reshape(-1), splits["val"].labels)

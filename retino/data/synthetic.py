@@ -659,10 +659,69 @@ def render_fundus(grade: int, *, eye: str = "left", size: int | tuple[int, int] 
     return rgb, mask
 
 
+# ============================================================================ degraded photographs
+
+# What ``make_dataset(degraded=...)`` does to a photo that a grader would call ungradable. Each is
+# well past what the quality gate (retino.quality) accepts, so quality.csv is ground truth for it:
+DEGRADATIONS = ("dark", "blurred", "overexposed", "cut_off")
+
+
+def degrade_photo(rgb: np.ndarray, kind: str, *, seed: int = 0,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A rendered photo (and its lesion mask) made ungradable in one of :data:`DEGRADATIONS` ways.
+
+    ``dark``: under-exposed to a median luminance of 3-7% inside the field, with sensor noise on
+    top; ``blurred``: defocus, a Gaussian of 3-4.5% of the field radius, with sensor noise after
+    it; ``overexposed``: the field's median green pushed to 1.2-1.6x the clipping level plus a white
+    veil of 20-35%, so the picture washes out; ``cut_off``: the camera off-axis, the field shifted
+    by 0.9-1.2 radii in a random direction so that 40-60% of it leaves the frame (the mask moves too).
+    Exposures are set relative to the photo's own, so every degraded photo is plainly degraded.
+    """
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; expected one of {', '.join(DEGRADATIONS)}")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, 0xDE6])
+    h, w = rgb.shape[:2]
+    radius = 0.46 * min(h, w)                    # render_fundus draws a field of 0.43-0.49 x the short side
+    img = rgb.astype(np.float32)
+    field = rgb.max(axis=2) > 0
+    if kind == "dark":
+        luma = img[field] @ np.float32([0.299, 0.587, 0.114])
+        gain = rng.uniform(0.03, 0.07) * 255 / max(float(np.median(luma)), 1.0)
+        img = img * np.float32(gain) + rng.normal(0, 1.2, img.shape).astype(np.float32)
+    elif kind == "blurred":
+        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.03, 0.045) * radius))
+        img += rng.normal(0, 1.5, img.shape).astype(np.float32)
+    elif kind == "overexposed":
+        gain = rng.uniform(1.2, 1.6) * 250 / max(float(np.median(img[field][:, 1])), 1.0)
+        img = img * np.float32(gain) + np.float32(rng.uniform(0.2, 0.35) * 255)   # + a glare veil
+    else:
+        a = rng.uniform(0, 2 * np.pi)
+        d = rng.uniform(0.9, 1.2) * radius
+        shift = np.float32([[1, 0, d * np.cos(a)], [0, 1, d * np.sin(a)]])
+        img = cv2.warpAffine(img, shift, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+        if mask is not None:
+            mask = cv2.warpAffine(mask, shift, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
+        field = img.max(axis=2) > 0
+    img[~field] = 0                             # the surround stays black: noise is the sensor's, inside
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), mask
+
+
 # ============================================================================ the data set
 
 def _image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, 1, index]).generate_state(1, np.uint64)[0])
+
+
+def _plan_degradations(n: int, share: float, seed: int) -> dict[int, tuple[str, int]]:
+    """Image index -> (kind, seed) for ``round(share * n)`` images; its own stream of the seed, so the
+    grades, pairs and split (drawn from stream 0) are the same with or without degraded photos."""
+    k = int(round(share * n))
+    if k == 0:
+        return {}
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, 2])
+    chosen = rng.choice(n, size=k, replace=False)
+    kinds = rng.permutation(np.resize(np.arange(len(DEGRADATIONS)), k))   # the kinds in equal numbers
+    return {int(i): (DEGRADATIONS[int(j)], int(rng.integers(2**63))) for i, j in zip(chosen, kinds)}
 
 
 def _init_worker() -> None:
@@ -670,8 +729,11 @@ def _init_worker() -> None:
 
 
 def _write_one(job) -> str:
-    name, grade, eye, size, img_seed, out_dir, quality = job
+    name, grade, eye, size, img_seed, out_dir, quality, degradation = job
     rgb, mask = render_fundus(grade, eye=eye, size=size, seed=img_seed)
+    if degradation is not None:
+        kind, degrade_seed = degradation
+        rgb, mask = degrade_photo(rgb, kind, seed=degrade_seed, mask=mask)
     out = Path(out_dir)
     ok = cv2.imwrite(str(out / "images" / f"{name}.jpeg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                      [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -690,23 +752,24 @@ def _prepare_dir(out: Path) -> None:
         raise ValueError(f"{out} is not empty and holds no synthetic data set (no synth.json); "
                          "choose a new or empty folder")
     (out / _MARKER).write_text("make_dataset is writing here; synth.json appears when it is done\n")
-    for stale in ("synth.json", "train.csv", "test.csv"):  # from here on the folder reads as incomplete
+    for stale in ("synth.json", "train.csv", "test.csv", "quality.csv"):  # from here on: incomplete
         (out / stale).unlink(missing_ok=True)
     (out / "images").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
 
 
-def _write_csv(path: Path, rows) -> None:
+def _write_csv(path: Path, rows, header=("image", "level")) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", "level"])
+        w.writerow(list(header))
         w.writerows(rows)
     os.replace(tmp, path)
 
 
 def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test_fraction: float = 0.2,
-                 progress: bool = True, workers: int | None = None, quality: int = 90) -> Path:
+                 progress: bool = True, workers: int | None = None, quality: int = 90,
+                 degraded: float = 0.0) -> Path:
     """Write a synthetic data set in Retino's own layout and return its folder.
 
     ``out_dir/images/<patient>_<eye>.jpeg``, ``masks/<patient>_<eye>.png`` (lesion codes),
@@ -714,7 +777,10 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
     worse eye, seeded) and finally ``synth.json`` (the parameters): its presence marks a complete
     set. Grades follow :data:`ICDR_PROPORTIONS`; the two eyes of a patient get equal or adjacent
     grades. ``workers`` processes render in parallel (None: up to 8, one per CPU; 0/1: in this
-    process); the files do not depend on it.
+    process); the files do not depend on it. ``degraded``: that share of the photos (chosen with
+    the seed, the four kinds of :data:`DEGRADATIONS` in equal numbers) is made ungradable, and
+    ``quality.csv`` (``image,quality,reason``: "ok" or "ungradable" and the kind) records which;
+    0 (the default) writes exactly what earlier versions wrote, with no quality.csv.
     """
     n, seed, quality = int(n), int(seed), int(quality)
     if n < MIN_N:
@@ -724,6 +790,8 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
         raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be 1..100, got {quality}")
+    if not 0.0 <= float(degraded) <= 1.0:
+        raise ValueError(f"degraded must be a share between 0 and 1, got {degraded}")
     out = Path(out_dir)
     _prepare_dir(out)
 
@@ -743,8 +811,9 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
     is_test = _split_patients(max_g, float(test_fraction), plan)
 
     size_arg = W if W == H else (W, H)
-    jobs = [(name, int(grades[i]), name.split("_")[1], size_arg, _image_seed(seed, i), str(out), quality)
-            for name, i, _ in records]
+    damage = _plan_degradations(n, float(degraded), seed)
+    jobs = [(name, int(grades[i]), name.split("_")[1], size_arg, _image_seed(seed, i), str(out), quality,
+             damage.get(i)) for name, i, _ in records]
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if n >= 64 else 1
     workers = max(1, min(int(workers), n))
@@ -779,6 +848,9 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
         rows[bool(is_test[p])].append((name, int(grades[i])))
     _write_csv(out / "train.csv", rows[False])
     _write_csv(out / "test.csv", rows[True])
+    if damage:
+        _write_csv(out / "quality.csv", [(name, "ungradable", damage[i][0]) if i in damage else (name, "ok", "")
+                                         for name, i, _ in records], header=("image", "quality", "reason"))
 
     meta = {"generator": "retino.data.synthetic", "version": VERSION, "n": n,
             "size": W if W == H else [W, H], "seed": seed, "test_fraction": float(test_fraction),
@@ -787,6 +859,9 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
             "patients": int(n_pat), "n_train": len(rows[False]), "n_test": len(rows[True]),
             "eye_convention": "right eye: optic disc on the image's right; left eye mirrored",
             "lesion_codes": LESION_CODES}
+    if damage:   # only then: a set without degraded photos keeps its earlier synth.json byte for byte
+        kinds = [k for k, _ in damage.values()]
+        meta.update(degraded=float(degraded), degraded_counts={k: kinds.count(k) for k in DEGRADATIONS})
     tmp = out / "synth.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     (out / _MARKER).unlink(missing_ok=True)

@@ -1,0 +1,113 @@
+"""retino.export: ONNX and TorchScript files that compute what Retino's own model computes.
+
+Two tiny runs per session (1 epoch, 64 px ResNet-18 on the 60-image synthetic set): a classify
+head with Ben Graham's normalisation and a regress head without. The weights are meaningless,
+the parity is not: the exported files must give Retino's outputs to 1e-4 on the same batch.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from retino import runs
+from retino.data.loaders import normalize, to_float
+from retino.data.preprocess import load_and_preprocess
+from retino.inference import load_trained
+from retino.export import FORMATS, export_run
+
+SIZE = 64
+
+
+def _train(tiny_data, root: Path, name: str, *extra) -> Path:
+    run_dir = root / name
+    r = run_cli("train", "--data", tiny_data, "--epochs", 1, "--image-size", SIZE, "--batch-size", 16,
+                "--workers", 0, "--run-dir", run_dir, "--quiet", *extra, env={"RETINO_RUNS": str(root)})
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export-runs")
+    return {"classify": _train(tiny_data, root, "classify", "--ben-graham", "true"),
+            "regress": _train(tiny_data, root, "regress", "--head", "regress", "--loss", "mse",
+                              "--ben-graham", "false")}
+
+
+def _batch(tiny_data: Path, trained, n: int) -> torch.Tensor:
+    """n photos of the set, preprocessed and normalised exactly as Retino does: (n, 3, S, S)."""
+    files = sorted((tiny_data / "images").glob("*.jpeg"))[:n]
+    cfg = trained.config
+    seen = np.stack([load_and_preprocess(f, cfg.image_size, ben_graham_norm=cfg.ben_graham) for f in files])
+    return normalize(to_float(torch.from_numpy(seen), "cpu"), *trained.norm)
+
+
+def _run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": x.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch.jit is deprecated; deployments still load it
+        module = torch.jit.load(str(path))
+    with torch.no_grad():
+        return module(x).numpy()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("head", ["classify", "regress"])
+def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, head):
+    run_dir = trained_runs[head]
+    model_path, json_path = export_run(run_dir, fmt, tmp_path)
+    assert model_path == tmp_path / f"model{FORMATS[fmt]}" and json_path == tmp_path / "model.json"
+    trained = load_trained(run_dir)
+    for n in (1, 3):                                  # the batch dimension is free
+        x = _batch(tiny_data, trained, n)
+        with torch.no_grad():
+            ours = trained.model(x).numpy()
+        theirs = _run_exported(model_path, fmt, x)
+        assert theirs.shape == ours.shape == (n, 5 if head == "classify" else 1)
+        np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+    info = json.loads(json_path.read_text())
+    pre, post = info["preprocessing"], info["postprocessing"]
+    assert info["format"] == fmt and info["model_file"] == model_path.name and info["head"] == head
+    assert info["input"]["shape"] == ["batch", 3, SIZE, SIZE]
+    assert pre["image_size"] == SIZE and pre["ben_graham"] == (head == "classify")
+    assert pre["boundary_mask_fraction"] == 0.9
+    assert pre["mean"] == pytest.approx(list(trained.norm[0])) and pre["std"] == pytest.approx(list(trained.norm[1]))
+    assert post["thresholds"] == pytest.approx(trained.thresholds) and post["temperature"] == 1.0
+    assert post["operating_point"] is None and len(post["grade_names"]) == 5
+    assert any("Ben Graham" in s for s in pre["steps"]) == (head == "classify")
+
+
+def test_onnx_input_is_fixed_size_with_a_free_batch(trained_runs, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model_path, _ = export_run(trained_runs["classify"], "onnx", tmp_path / "deploy" / "dr.onnx")
+    assert model_path.name == "dr.onnx" and (tmp_path / "deploy" / "dr.json").is_file()
+    graph = onnx.load(str(model_path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, SIZE, SIZE]
+    assert graph.output[0].name == "logits"
+
+
+def test_default_destination_is_the_run_folder(trained_runs):
+    model_path, json_path = export_run(trained_runs["regress"], "torchscript")
+    assert model_path == trained_runs["regress"] / "export" / "model.pt" and json_path.is_file()
+    assert json.loads(json_path.read_text())["output"]["name"] == "score"
+
+
+def test_bad_format_and_bad_run_are_one_line_errors(trained_runs, tmp_path):
+    with pytest.raises(ValueError, match=r"Invalid export format 'tflite'\. Choose one of: onnx, torchscript\."):
+        export_run(trained_runs["classify"], "tflite")
+    empty = tmp_path / "20260101-000000-empty"
+    empty.mkdir()
+    with pytest.raises(runs.RunError, match="best.pt: missing") as err:
+        export_run(empty, "onnx")
+    assert "\n" not in str(err.value)
+    with pytest.raises(runs.RunError, match="no such run folder"):
+        export_run(tmp_path / "nowhere", "onnx")
