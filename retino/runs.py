@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
+from .fileio import REPO_ROOT, json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
 
 DEFAULT_ROOT = Path("checkpoints")
 ACTIVE = ("starting", "queued", "running")  # states of a run whose trainer should be alive
@@ -278,7 +278,7 @@ def write_config(run_dir: Path, train: dict, *, dataset: dict, norm, world: int,
     write_json(run_dir / "config.json", {
         "train": train, "dataset": dataset, "created": created,
         "versions": {"retino": __version__, "torch": _torch.__version__, "python": sys.version.split()[0]},
-        "code": git_commit(Path(__file__).resolve().parents[1]), "data_fingerprint": data_fingerprint,
+        "code": git_commit(REPO_ROOT), "data_fingerprint": data_fingerprint,
         "norm": {"mean": list(norm[0]), "std": list(norm[1])}, "world_size": world, "device": device})
 
 

@@ -572,7 +572,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
 
 def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loaders, splits, norm) -> None:
     """The chosen checkpoint (best.pt, by val QWK) on val and test, once: predictions.csv and test.json."""
-    from .evaluate import write_evaluation
+    from .report import write_evaluation
     if beat:
         beat.update(phase="evaluating the chosen checkpoint on test")
     best = runs.load_checkpoint(run_dir / "best.pt", map_location=ctx.device) if ctx.main else None
