@@ -137,7 +137,8 @@ class _FullDisk(io.FileIO):
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     runs.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
-    monkeypatch.setattr(runs, "open", lambda p, mode="r": _FullDisk(p, "w"), raising=False)
+    from retino import fileio  # where the atomic writer lives
+    monkeypatch.setattr(fileio, "open", lambda p, mode="r": _FullDisk(p, "w"), raising=False)
     with pytest.raises(OSError, match="No space"):
         runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2})
     monkeypatch.undo()
