@@ -18,7 +18,7 @@ from retino import jobs, runs, settings
 from retino.config import TrainConfig
 from retino.data import read_dataset, stats
 
-PAGES = ["pages/data.py", "pages/train.py", "pages/compare.py", "pages/predict.py"]
+PAGES = ["pages/data.py", "pages/train.py", "pages/compare.py", "pages/predict.py", "pages/screen.py"]
 
 
 @pytest.fixture(scope="session")
