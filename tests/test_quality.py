@@ -237,15 +237,22 @@ def test_ood_bad_input():
 
 
 def test_assess_adds_the_models_view():
+    """The model's view alone makes a fundus ungradable (by this model), never 'not a fundus'."""
     rgb, _ = render_fundus(3, size=256, seed=11)
     q = assess(rgb, ood=(41.2, 30.0))
-    assert q.verdict == "not_fundus"
+    assert q.verdict == "ungradable"
     assert q.reasons == ["unlike the photos this model was trained on: Mahalanobis distance 41.2, cut-off 30.0"]
     assert q.scores["ood_score"] == 41.2
     assert assess(rgb, ood=(12.0, 30.0)).verdict == "ok"
+    q = assess(rgb, ood=(41.2, 30.0), trained_on="synthetic fundus images")
+    assert q.reasons[0].startswith("unlike the photos this model was trained on (synthetic fundus images):")
     dark, _ = degrade_photo(rgb, "dark", seed=0)
     q = assess(dark, ood=(41.2, 30.0))   # a fundus the model finds strange: the reasons say why
-    assert q.verdict == "not_fundus" and _has(q, "unlike the photos") and _has(q, "too dark")
+    assert q.verdict == "ungradable" and _has(q, "too dark") and _has(q, "unlike the photos")
+    q = assess(face((0, 0, 0)), ood=(41.2, 30.0))   # the photo's own evidence first, the model's view after
+    assert q.verdict == "not_fundus" and _has(q, "field not round") and q.reasons[-1].startswith("unlike")
+    judged = quality.judge(quality.measure(rgb), ood=(41.2, 30.0))   # measure + judge is assess, in two steps
+    assert judged.as_dict() == assess(rgb, ood=(41.2, 30.0)).as_dict()
 
 
 @pytest.mark.parametrize("arch,head", [("resnet18", "classify"), ("resnet18", "regress"), ("resnet50", "classify")])
