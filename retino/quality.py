@@ -75,7 +75,13 @@ class Limits:
     min_red_share: float = 0.34
     """Median R / (R + G + B) over unclipped pixels inside 0.9 R: real 0.36-0.70 (blue-grey casts
     exist: 75_right 0.356), synthetic 0.51-0.77; grey and white are 0.333. Not measured when more
-    than 80% of the field is clipped (an over-exposed photo's colour is unreadable)."""
+    than 80% of the field is clipped (an over-exposed photo's colour is unreadable), nor on a
+    grey-scale photo (min_saturation): a red-free fundus photograph has no red to show."""
+    min_saturation: float = 0.04
+    """Median (max - min) / max of R, G, B over the same pixels (HSV saturation): real >= 0.089
+    (75_right's blue-grey cast), synthetic >= 0.36 (over-exposed ones); a grey-scale or red-free
+    photo ~0 (JPEG chroma noise stays below 0.02). Below it the photo is ungradable, not
+    'not a fundus': Retino's models grade colour photographs."""
     min_structure: float = 0.001
     """std of the sigma-3-px LoG of green / its median, at FOCUS_DIAMETER: real >= 0.0097,
     synthetic >= 0.075, over-exposed synthetic >= 0.0025; a uniform drawn disc 0.00007. Not applied
@@ -255,6 +261,8 @@ def measure(image, limits: Limits = LIMITS) -> dict[str, float]:
     if usable.mean() > 0.2:                                     # colour is unreadable in a clipped photo
         total = red[usable] + green[usable] + blue[usable]
         scores["red_share"] = float(np.median(red[usable] / total))
+        low = np.minimum(np.minimum(red[usable], green[usable]), blue[usable])
+        scores["saturation"] = float(np.median(1.0 - low / (top[usable] * 255.0)))
     # the analysis image holds a field of >= FOCUS_DIAMETER px whenever the photo does
     scores["focus"], scores["structure"] = _detail(small, cx, cy, r)
     return scores
@@ -284,6 +292,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
               ("a blank field, no retina to see", "structure", "structure", ">=", L.min_structure)]
     if sc.get("clipped", 0.0) > L.max_clipped:
         checks.pop()    # a burnt-out field is blank too: over-exposed (ungradable), not proof of no retina
+    if sc.get("saturation", 1.0) < L.min_saturation:
+        checks = [c for c in checks if c[2] != "red_share"]    # grey-scale: no colour to judge (ungradable)
     for what, measure_, key, op, limit in checks:
         if key in sc and (sc[key] < limit if op == ">=" else sc[key] > limit):
             out.append(_reason(what, measure_, sc[key], op, limit))
@@ -303,6 +313,9 @@ def _ungradable(sc: dict, L: Limits) -> list[str]:
         elif sc["clipped"] > L.max_clipped:
             out.append(_reason("over-exposed", "share of the field with green clipped", sc["clipped"], "<=",
                                L.max_clipped))
+    if sc.get("saturation", 1.0) < L.min_saturation:
+        out.append(_reason("a grey-scale photo, the model grades colour ones", "colour saturation",
+                           sc["saturation"], ">=", L.min_saturation))
     if "focus" in sc and sc.get("diameter_px", 0) >= L.min_diameter and sc["focus"] < L.min_focus:
         out.append(_reason("out of focus", "fine-to-coarse detail", sc["focus"], ">=", L.min_focus))
     if "visible" in sc and sc["visible"] < L.min_visible:

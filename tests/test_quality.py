@@ -84,7 +84,8 @@ NOT_FUNDUS = {  # picture -> a reason it must be given
     "face on grey": (face, "no round fundus field on a dark background"),
     "face on black": (lambda: face((0, 0, 0)), "field not round"),
     "light grey disc": (lambda: disc((215, 215, 215)), "a blank field"),
-    "grey disc": (lambda: disc((128, 128, 128)), "not the colour of a retina"),
+    "grey disc": (lambda: disc((128, 128, 128)), "a blank field"),
+    "blue disc": (lambda: disc((60, 90, 200)), "not the colour of a retina"),
     "red disc": (lambda: disc((200, 80, 40)), "a blank field"),
     "checkerboard": (checkerboard, "fundus field too small"),
     "circuit board": (circuit, "no round fundus field on a dark background"),
@@ -151,6 +152,15 @@ def test_degraded_photos_are_ungradable_for_the_right_reason(kind):
         if kind == "cut_off":   # the lesion mask moves with the field
             assert bad_mask is not None and bad_mask.shape == mask.shape
         assert assess(rgb).verdict == "ok"                   # the same photo, undamaged, passes
+
+
+def test_a_grey_scale_fundus_is_ungradable_not_rejected():
+    """A red-free or grey-scale fundus photograph has no red to show: ungradable by a colour model."""
+    rgb, _ = render_fundus(2, size=256, seed=1)
+    grey = np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+    q = assess(grey)
+    assert q.verdict == "ungradable" and _has(q, "a grey-scale photo") and q.scores["saturation"] < 0.02
+    assert assess(rgb).verdict == "ok" and assess(rgb).scores["saturation"] > LIMITS.min_saturation
 
 
 def test_too_small_to_grade():
