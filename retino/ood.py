@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,9 @@ def load_ood(path) -> dict:
 # ----------------------------------------------------------------------------- a run's OOD model
 
 OOD_FILE = "ood.npz"        # in the run folder, beside best.pt
-OOD_MAX_FIT = 5000          # training photos the class means and covariance are fitted on (seeded sample):
-                            # ~10x the 512 dimensions of a ResNet-18's features, 2.5x a ResNet-50's
+OOD_MAX_FIT = 2000          # training photos the class means and covariance are fitted on (a seeded sample):
+                            # ~4x the 512 dimensions of a ResNet-18's features (Ledoit-Wolf shrinkage keeps
+                            # a ResNet-50's 2048 invertible); ~20 s of forward passes at 128 px on a 2-core CPU
 
 
 def split_images(dataset, positions) -> np.ndarray:
@@ -173,7 +175,7 @@ def split_images(dataset, positions) -> np.ndarray:
         if image is not None:
             images.append(np.asarray(image.numpy() if isinstance(image, torch.Tensor) else image, np.uint8))
     if not images:
-        raise ValueError("no readable image in the split to fit the OOD model on")
+        raise ValueError("none of these images of the split is readable")
     return np.stack(images)
 
 
@@ -188,7 +190,7 @@ def _trained_on(run_dir: Path) -> str:
 
 
 def fit_run_ood(run_dir, model: torch.nn.Module, train_split, val_split, *, norm, epoch: int | None = None,
-                max_fit: int = OOD_MAX_FIT, seed: int = 0, batch_size: int = 64) -> Path:
+                max_fit: int = OOD_MAX_FIT, seed: int = 0, batch_size: int = 64) -> Path | None:
     """Fit a run's OOD model on its chosen checkpoint: ``RUN_DIR/ood.npz``, which ``predict`` reads.
 
     Class means and covariance from (a seeded sample of at most ``max_fit``) training photos, the
@@ -201,6 +203,10 @@ def fit_run_ood(run_dir, model: torch.nn.Module, train_split, val_split, *, norm
         train_split, val_split: ``retino.train.Split`` (``.dataset``, ``.labels``).
         norm: the run's ``(mean, std)``.
         epoch: the checkpoint's epoch, stored so a later best.pt is not judged by a stale model.
+
+    Returns:
+        The file's path; None (with a warning, nothing written) when the splits give nothing to fit:
+        a finished run does not fail for want of its OOD model, predict then goes without it.
     """
     from types import SimpleNamespace
     run_dir = Path(run_dir)
@@ -208,18 +214,25 @@ def fit_run_ood(run_dir, model: torch.nn.Module, train_split, val_split, *, norm
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(n_train, size=min(n_train, max_fit), replace=False))
     labels = np.asarray(train_split.labels)[pick]
+    trained = SimpleNamespace(model=model, norm=norm)
+
+    def features(dataset, positions) -> np.ndarray:  # a batch at a time: 2,000 photos at 512 px are 1.5 GB
+        return np.concatenate([features_of(trained, split_images(dataset, positions[i:i + batch_size]))
+                               for i in range(0, len(positions), batch_size)])
+
     was_training = model.training
     model.eval()
     try:
-        trained = SimpleNamespace(model=model, norm=norm)
-        fit = features_of(trained, split_images(train_split.dataset, pick), batch_size=batch_size)
-        val = features_of(trained, split_images(val_split.dataset, np.arange(len(val_split.dataset))),
-                          batch_size=batch_size)
+        fit = features(train_split.dataset, pick)
+        val = features(val_split.dataset, np.arange(len(val_split.dataset)))
+        if len(fit) != len(labels):     # an uncached image that broke since: no label to pair it with
+            labels = None
+        params = fit_ood(val, fit_features=fit, fit_labels=labels)
+    except ValueError as e:             # an empty split, or every image of a batch unreadable since
+        warnings.warn(f"{run_dir}: no OOD model ({e}); predict will go without the model's view")
+        return None
     finally:
         model.train(was_training)
-    if len(fit) != len(labels):         # an uncached image that broke since: no label to pair it with
-        labels = None
-    params = fit_ood(val, fit_features=fit, fit_labels=labels)
     params.update(epoch=-1 if epoch is None else int(epoch), trained_on=_trained_on(run_dir))
     return save_ood(run_dir / OOD_FILE, params)
 

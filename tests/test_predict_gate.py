@@ -184,10 +184,14 @@ def test_ood_score_comes_from_the_grading_pass(base_run, photos, tmp_path):
     from retino.train import load_split
     run = copy_run(base_run, tmp_path / "run", {"temperature": 1.0})
     trained = load_trained(run)
-    cfg = replace(trained.config, cache=False)
+    cfg = replace(trained.config, cache=True)  # the cache under the test's RETINO_CACHE, as training reads it
     ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
     train, val = (load_split(ds.splits[n], cfg, progress=False, desc=n) for n in ("train", "val"))
-    path = ood.fit_run_ood(run, trained.model, train, val, norm=trained.norm, epoch=trained.epoch)
+    decoded = load_split(ds.splits["train"], replace(cfg, cache=False), progress=False, desc="train")
+    assert type(train.dataset).__name__ == "CachedImages" and type(decoded.dataset).__name__ == "DecodedImages"
+    np.testing.assert_array_equal(ood.split_images(train.dataset, [5, 0, 2]),  # memmap rows, out of order
+                                  ood.split_images(decoded.dataset, [5, 0, 2]))
+    path = ood.fit_run_ood(run, trained.model, train, val, norm=trained.norm, epoch=trained.epoch, batch_size=7)
     assert path == run / "ood.npz"
     trained = load_trained(run)
     assert trained.ood["trained_on"] == "synthetic fundus images" and trained.ood["n_val"] == len(val.frame)
