@@ -200,6 +200,8 @@ def test_ood_score_comes_from_the_grading_pass(base_run, photos, tmp_path):
         own = ood.ood_score(quality.features_of(trained, p.seen[None]), trained.ood)[0]
         assert p.quality["ood_score"] == pytest.approx(own, rel=1e-3)
         assert p.quality["ood_cutoff"] == pytest.approx(trained.ood["cutoff"], rel=1e-4)
+    (tta,) = predict(trained, [photos["good"]], tta=True)  # the photo's own view, not the augmented ones
+    assert tta.quality["ood_score"] == pytest.approx(preds[0].quality["ood_score"], rel=1e-3)
     text = preds[1]
     assert text.quality["ood_score"] > text.quality["ood_cutoff"]
     assert text.quality["reasons"][-1].startswith(
