@@ -18,6 +18,7 @@ PAGES = [
     st.Page("pages/train.py", title="Train", icon=":material/model_training:", url_path="training"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="comparison"),
     st.Page("pages/predict.py", title="Predict", icon=":material/search:", url_path="prediction"),
+    st.Page("pages/screen.py", title="Screen", icon=":material/fact_check:", url_path="screening"),
 ]
 
 

@@ -96,7 +96,8 @@ def before_start(data_path: Path) -> None:
     except DatasetError:
         return
     if cpu:
-        seconds = sum(plan.cpu_seconds(c, sizes.get("train", 0), sizes.get("test", 0)) for c in cpu)
+        n_eval = sizes.get("val", 0) + sizes.get("test", 0)
+        seconds = sum(plan.cpu_seconds(c, sizes.get("train", 0), n_eval) for c in cpu)
         st.caption(f"On a CPU: {plan.duration_text(seconds)} for {len(cpu)} run{'s' if len(cpu) > 1 else ''} "
                    f"({sizes.get('train', 0):,} training images x {cpu[0].epochs} epochs), from the "
                    f"{plan.SOURCE}; the first run on a data set also builds its image cache.")

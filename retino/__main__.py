@@ -423,6 +423,32 @@ def cmd_cam_score(args) -> int:
     return 0
 
 
+def cmd_screen(args) -> int:
+    """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
+    from .screen import ScreenError, screen
+    try:
+        result = screen(_user_path(args.run_dir, "RUN_DIR"), _user_path(args.folder, "FOLDER"),
+                        _user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
+                        workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
+                        progress=not args.quiet)
+    except ScreenError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        print("interrupted: the photos graded so far are in the report; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    s = result.summary()
+    if args.json:
+        _print_json(s)
+        return 0
+    print(f"{s['photos']} photos ({s['skipped']} already in the report): {s['graded']} graded "
+          f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
+    print(f"{s['patients']} patients, {s['referable_patients']} referable: P(grade >= 2) or score >= "
+          f"{s['threshold']:.4g} ({s['threshold_source']})")
+    print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def _contrast(text: str) -> int | None:
@@ -510,6 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score at most this many images (0 = all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cam_score)
+
+    p = sub.add_parser("screen", help="grade every photo under a folder: one row per photo and per patient")
+    p.add_argument("run_dir")
+    p.add_argument("folder", help="searched recursively for .jpeg/.jpg/.png")
+    p.add_argument("--out", help="photo report (.csv); <name>.patients.csv and <name>.json are written beside it "
+                                 "(default: FOLDER/screen-<run id>.csv). Photos already in it are skipped")
+    p.add_argument("--batch-size", type=int, default=16, help="photos a forward pass (default: 16)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and small rotations, 4x the work)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: CPU cores - 2, none for under 32 photos; 0: none)")
+    p.add_argument("--no-quality-gate", action="store_true", help="grade photos the quality gate calls not a fundus")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("check-run", help="is a run folder whole? exit 1 if not")
     p.add_argument("run_dir")

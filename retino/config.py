@@ -80,6 +80,11 @@ class TrainConfig:
     keep_last: bool = _f(False, "keep last.pt (weights + optimizer, for --resume --epochs N later) after "
                                 "the run completes")
 
+    def __post_init__(self):
+        # one spelling of workers, whether it came from the CLI ("2"), the form (2) or an older run (2)
+        text = str(self.workers).strip().lower()
+        object.__setattr__(self, "workers", text if text == "auto" or not text.isdigit() else str(int(text)))
+
     def validate(self) -> "TrainConfig":
         """Check every field; raise ConfigError naming the first bad one."""
         for f in fields(self):

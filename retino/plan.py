@@ -61,10 +61,12 @@ def cpu_images_per_s(arch: str, image_size: int) -> float:
     return CPU_TRAIN_IMAGES_PER_S[(arch, ref)] * (ref / image_size) ** 2
 
 
-def cpu_seconds(cfg: TrainConfig, n_train: int, n_test: int) -> float:
-    """Seconds ``cfg`` takes to train and evaluate every epoch on the measured CPU (cache build not included)."""
+def cpu_seconds(cfg: TrainConfig, n_train: int, n_eval: int) -> float:
+    """Seconds ``cfg`` takes on the measured CPU: every epoch trains on ``n_train`` images and
+    evaluates ``n_eval`` (val and test; the trainer evaluates both each epoch). The cache build is
+    not included."""
     rate = cpu_images_per_s(cfg.arch, cfg.image_size)
-    return cfg.epochs * (n_train / rate + n_test / (EVAL_SPEEDUP * rate))
+    return cfg.epochs * (n_train / rate + n_eval / (EVAL_SPEEDUP * rate))
 
 
 def duration_text(seconds: float) -> str:

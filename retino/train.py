@@ -463,7 +463,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if cfg.compile:
+    if cfg.compile and ctx.device.type == "cuda":  # GPU-only: inductor on a 2-core CPU compiles for minutes
         model = torch.compile(model)
 
     eta = _Eta(cfg, steps_per_epoch, n_eval=len(splits["val"].frame) + len(splits["test"].frame))

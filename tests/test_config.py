@@ -15,7 +15,7 @@ ODD = TrainConfig(
     weights="/tmp/w e.pth", head="regress", loss="smoothl1", class_weights="inverse", sampler="balanced",
     augment="lab+color", interpolation="nearest", epochs=3, batch_size=7, optimizer="sgd", lr=0.0025,
     momentum=0.8, weight_decay=3e-4, schedule="step", step_size=2, warmup_epochs=0.5, seed=7, device="cpu",
-    workers=1, amp=False, channels_last=False, compile=True, eval_batch_size=5, name="my run", val_fraction=0.2,
+    workers="1", amp=False, channels_last=False, compile=True, eval_batch_size=5, name="my run", val_fraction=0.2,
     target_sensitivity=0.8, log_every=5, keep_last=True)
 
 

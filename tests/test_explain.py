@@ -346,6 +346,8 @@ def test_cli_evaluate_text_is_rounded_with_per_grade_recall(run_dir):
     assert not re.search(r"\d\.\d{5,}", r.stdout)  # rounded: no 0.7333333333333333
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"{run_dir}: epoch 1, test split (") and lines[0].endswith("choices made on val")
+    qwk = next(line for line in lines if line.split()[:1] == ["qwk"])
+    assert re.fullmatch(r"\s*qwk\s+-?\d\.\d{3}( \[.*\])?", qwk)  # the value with its interval
     start = lines.index("per grade:            recall  precision      n")
     per_grade = lines[start + 1:start + 6]
     assert [row.split()[:2] for row in per_grade] == [["0", "No"], ["1", "Mild"], ["2", "Moderate"], ["3", "Severe"],

@@ -15,9 +15,10 @@ from retino import runs
 from retino.config import ARCHS, ConfigError, TrainConfig
 from retino.models import list_models
 
-REQUIRED = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "test_macro_f1",
-            "test_confusion", "seconds", "test_balanced_acc", "test_recall", "test_precision",
-            "test_ref_auc", "test_ref_sens_at_90spec"}
+REQUIRED = {"epoch", "train_loss", "train_acc", "seconds", "selected_on"} | {
+    f"{split}_{k}" for split in ("val", "test") for k in ("loss", "acc", "qwk", "macro_f1", "confusion",
+                                                          "balanced_acc", "recall", "precision", "ref_auc",
+                                                          "ref_sens_at_90spec")}
 TIMING = {"seconds", "train_images_per_s"}
 
 
@@ -39,7 +40,7 @@ def test_config_refuses_out_of_range(change, field):
 
 def test_run_writes_every_file(tiny_data, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN)
+    r = run_cli("train", "--data", tiny_data, "--run-dir", run, "--keep-last", "true", *TINY_TRAIN)
     assert r.returncode == 0, r.stderr
     rows = runs.read_metrics(run)
     assert [x["epoch"] for x in rows] == [1, 2]
@@ -58,8 +59,11 @@ def test_run_writes_every_file(tiny_data, tmp_path):
     assert {"model", "epoch", "config", "norm", "thresholds"} <= set(best_ckpt)
     assert "optimizer" not in best_ckpt  # weights only: predicting never needs the optimizer's moments
     assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
-    best = max(rows, key=lambda x: x["test_qwk"])
-    assert best_ckpt["epoch"] == best["epoch"]
+    best = max(rows, key=lambda x: (x["val_qwk"], -x["epoch"]))  # chosen on val, never on test
+    assert best_ckpt["epoch"] == best["epoch"] and best_ckpt["selected_on"] == "val"
+    assert {"predictions.csv", "evaluation.json", "test.json"} <= {p.name for p in run.iterdir()}
+    assert config["data_fingerprint"] and "code" in config
+    assert set(config["dataset"]["sizes"]) == {"train", "val", "test"}
     assert runs.check_run(run) == []
 
 
@@ -130,19 +134,33 @@ def test_train_cli_bad_data_is_one_line(tmp_path):
 
 
 def test_evaluate_json(tiny_data, tmp_path):
+    """The issue's exact keys; the test report is the chosen (val) epoch's, from predictions.csv."""
     run = tmp_path / "run"
     assert run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN).returncode == 0
     r = run_cli("evaluate", run, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    best = max(runs.read_metrics(run), key=lambda x: x["test_qwk"])
-    assert out["epoch"] == best["epoch"]
-    assert out["test_qwk"] == pytest.approx(best["test_qwk"])
-    assert out["test_confusion"] == best["test_confusion"]
+    assert {"split", "selected_on", "epoch", "n_images", "n_patients", "metrics", "operating_point", "patient",
+            "calibration"} <= set(out)
+    assert out["selected_on"] == "val" and out["split"] == "test"
+    assert out["epoch"] == runs.best_row(runs.read_metrics(run))["epoch"]
+    for name in ("qwk", "accuracy", "macro_f1", "referable_auc", "sensitivity", "specificity"):
+        entry = out["metrics"][name]
+        assert {"value", "lo", "hi"} <= set(entry)
+        if entry["value"] is not None:
+            assert entry["lo"] <= entry["value"] <= entry["hi"]
+    best = runs.best_row(runs.read_metrics(run))
+    assert out["metrics"]["qwk"]["value"] == pytest.approx(best["test_qwk"])
+    assert out["metrics"]["accuracy"]["value"] == pytest.approx(best["test_acc"])
+    assert {"referable_auc", "sensitivity", "specificity"} <= set(out["patient"])
+    assert {"threshold", "target_sensitivity"} <= set(out["operating_point"])
+    assert {"ece", "ece_before_temperature", "temperature"} <= set(out["calibration"])
+    same = json.loads(run_cli("compare", run, run, "--json").stdout)
+    assert same["diff"]["qwk"]["value"] == 0 and same["diff"]["qwk"]["lo"] == same["diff"]["qwk"]["hi"] == 0
 
 
 def test_heartbeat_throttles_step_writes_but_never_loses_the_last(tmp_path, monkeypatch):
-    from retino import train
+    from retino import lifecycle
     writes = []
     real_write = runs.write_status
 
@@ -150,7 +168,7 @@ def test_heartbeat_throttles_step_writes_but_never_loses_the_last(tmp_path, monk
         writes.append(fields["step"])
         return real_write(run_dir, **fields)
     monkeypatch.setattr(runs, "write_status", counting_write)
-    beat = train.Heartbeat(tmp_path, {"state": "running", "step": 0}, progress_every=60)
+    beat = lifecycle.Heartbeat(tmp_path, {"state": "running", "step": 0}, progress_every=60)
     beat.progress(step=1)  # the first step is written at once: the page shows progress immediately
     for step in range(2, 201):
         beat.progress(step=step)

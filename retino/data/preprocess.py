@@ -182,7 +182,8 @@ def fundus_bbox(rgb: np.ndarray, threshold: int = 12) -> tuple[int, int, int, in
     Rows/columns count as fundus when more than 2% of them is bright, which ignores sensor noise,
     text overlays and thin light leaks; the circle need not be centred or whole.
     """
-    bright = rgb.max(axis=2) > threshold  # (H, W)
+    # per-channel maximum: numpy's max(axis=2) over a 3-long axis is 30x slower (40 ms at 1 MP, bench/screen.py)
+    bright = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) > threshold  # (H, W)
     h, w = bright.shape
     rows = np.flatnonzero(bright.sum(1) > 0.02 * w)
     cols = np.flatnonzero(bright.sum(0) > 0.02 * h)

@@ -1,0 +1,415 @@
+"""Screening a folder: every photograph under it graded, one row per photo and one per patient (issue 11).
+
+The job a clinic has is a folder of one day's photographs turned into a list of patients to refer.
+:func:`screen` finds every JPEG/PNG under the folder (:func:`find_photos`), decodes, gates and
+preprocesses them in worker processes exactly as the run was trained (:func:`retino.inference.prepare`,
+:func:`retino.quality.assess`), grades them here in batches, and writes three files side by side:
+
+- ``<name>.csv``: one row per photo (:data:`PHOTO_COLUMNS`). A file that cannot be graded is a row
+  with its ``error``, never the end of the screen. Rows are appended as each batch finishes, flushed
+  and fsynced, so a kill loses at most one batch; at the end the file is rewritten sorted, atomically.
+- ``<name>.patients.csv``: one row per patient (:data:`PATIENT_COLUMNS`), rewritten at the end from
+  every photo row: a patient is referable when either eye is.
+- ``<name>.json``: what made the report (run, checkpoint, folder, settings, threshold) and a summary.
+
+Re-run with the same report, a screen skips the photos already in it (an interrupted screen resumes);
+a report made with another run or other settings is refused rather than mixed.
+
+A photo is referable when P(grade >= 2), after the run's temperature (classify head), or the raw
+score (regress head) is at or above the run's operating point chosen on val (``evaluation.json``,
+issue 10); a run without one uses P >= 0.5, or a score >= 1.5 (halfway between grades 1 and 2).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import signal
+import unicodedata
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from . import calibration, inference, metrics, quality, runs
+from .config import TrainConfig
+from .data import ImageError, load_image
+from .data._spawn import spawn_context
+from .data.loaders import to_float
+from .evaluate import read_chosen
+from .grades import REFERABLE_GRADE
+from .predict import tta_views
+from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Appender, ScreenError,
+                            default_report, error_row, open_report, patient_table, read_report,
+                            report_paths, table_csv, write_table)
+from .stats import parse_patient_eye
+
+__all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
+           "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
+           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
+GATE_MIN_SIDE = 256  # px: quality.assess wants the photo at least this large on its short side (its docstring) ...
+GATE_TARGET = 512    # ... so a photo decoded smaller for a small run is decoded again at this size for the gate
+
+
+@dataclass
+class ScreenResult:
+    """A finished (or stopped) screen: the files written and their tables."""
+
+    report: Path                # one row per photo
+    patients_report: Path       # one row per patient
+    meta: Path                  # settings and summary (JSON)
+    photos: pd.DataFrame        # PHOTO_COLUMNS, sorted by image
+    patients: pd.DataFrame      # PATIENT_COLUMNS, referable first
+    threshold: float            # on P(grade >= 2) or the regression score
+    threshold_source: str
+    temperature: float
+    new: int                    # photos graded (or rejected) by this call
+    skipped: int                # photos already in the report
+    complete: bool              # False when stopped before the end
+
+    def summary(self) -> dict:
+        """Counts and paths, JSON-safe: what the CLI prints and the page shows."""
+        p = self.photos
+        graded = p["grade"].notna()
+        return {"report": str(self.report), "patients_report": str(self.patients_report), "meta": str(self.meta),
+                "photos": int(len(p)), "graded": int(graded.sum()), "errors": int((~graded).sum()),
+                "ungradable": int((p["quality"] == "ungradable").sum()),
+                "not_fundus": int((p["quality"] == "not_fundus").sum()),
+                "patients": int(len(self.patients)),
+                "referable_patients": int(self.patients["referable"].fillna(False).astype(bool).sum()),
+                "threshold": self.threshold, "threshold_source": self.threshold_source,
+                "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete}
+
+
+# ----------------------------------------------------------------------------- the photos
+
+def _display(text: str) -> tuple[str, str | None]:
+    """A name a CSV row can hold, and why the file cannot be screened under its own name (or None)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the file name is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text), \
+            "the file name holds control characters"
+    return text, None
+
+
+def find_photos(folder) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Every JPEG/PNG under ``folder``, recursively, and error rows for what cannot be screened.
+
+    Names starting with "." (hidden files and folders) are skipped. Folders are followed through
+    symlinks once: a folder reached a second time (a symlink loop, or two links) is an error row, as
+    is a file whose name is not UTF-8 or holds control characters, and a folder that cannot be read.
+
+    Returns:
+        ``([(image, path)], [row])``: ``image`` is the path relative to ``folder`` with "/" (the
+        report's key), ``path`` the one to open; sorted by ``image``.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ScreenError(f"{folder}: {'does not exist' if not root.exists() else 'is not a folder'}; "
+                          f"expected a folder of JPEG or PNG photographs")
+    photos, problems, visited = [], [], {}
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    def unreadable(e: OSError) -> None:
+        problems.append(error_row(_display(rel(e.filename) + "/")[0], f"the folder cannot be read ({e.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        here = rel(dirpath)
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            problems.append(error_row(_display(here + "/")[0], f"the folder cannot be read ({e.strerror})"))
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in visited:
+            problems.append(error_row(_display(here + "/")[0], f"the same folder as {visited[st.st_dev, st.st_ino]}/ "
+                                                             f"(a symlink loop or a second link): screened once"))
+            dirnames[:] = []
+            continue
+        visited[st.st_dev, st.st_ino] = here
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            image, bad = _display(rel(os.path.join(dirpath, name)))
+            if bad:
+                problems.append(error_row(image, bad))
+            else:
+                photos.append((image, os.path.join(dirpath, name)))
+    return sorted(photos), problems
+
+
+# ----------------------------------------------------------------------------- decoding (worker processes)
+
+_WORKER: dict = {}
+
+
+def _init_worker(config: dict, gate: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the screen and the pool
+    torch.set_num_threads(1)  # the parent's forward pass has the cores; a worker decodes one photo at a time
+    cv2.setNumThreads(1)
+    _WORKER.update(config=TrainConfig.from_dict(config), gate=gate)
+
+
+def _prepare_chunk(items: list[tuple[str, str]]) -> list[dict]:
+    return [prepare_photo(image, path, _WORKER["config"], gate=_WORKER["gate"]) for image, path in items]
+
+
+def prepare_photo(image: str, path: str, config: TrainConfig, *, gate: bool = True) -> dict:
+    """One photo decoded and preprocessed as the run was trained, and gated: never raises.
+
+    Returns:
+        ``{"seen": (S, S, 3) uint8, "quality": {"verdict", "reasons"} | None}``, ``seen`` None for a
+        ``not_fundus`` photo; or ``{"error": "<image>: <reason>"}``.
+    """
+    try:
+        seen, original, _ = inference.prepare(path, config, image)
+        if not gate:
+            return {"seen": seen, "quality": None}
+        photo = original if min(original.size) >= GATE_MIN_SIDE else load_image(path, target=GATE_TARGET)
+        q = quality.assess(photo)
+        verdict = {"verdict": q.verdict, "reasons": [str(r) for r in q.reasons]}
+        return {"seen": None if q.verdict == "not_fundus" else seen, "quality": verdict}
+    except ImageError as e:
+        return {"error": str(e).replace(path, image)}
+    except Exception as e:  # noqa: BLE001 - one file that breaks a decoder must not end a screen of thousands
+        first = str(e).splitlines()[0] if str(e) else ""
+        return {"error": f"{image}: cannot be graded ({type(e).__name__}{': ' + first if first else ''})"}
+
+
+def _prepared(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, workers: int, chunk: int):
+    """``((image, path), prepared)`` in the order of ``items``.
+
+    Decoded in ``workers`` spawn processes (``workers`` 0: here), a chunk of photos a task, with a
+    bounded number of tasks in flight: the forward pass is slower than decoding, and an unbounded
+    queue would hold a whole folder's decoded photos in memory.
+    """
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    if workers <= 0:
+        for part in chunks:
+            for image, path in part:
+                yield (image, path), prepare_photo(image, path, config, gate=gate)
+        return
+    ahead = 2 * workers + 2
+    with spawn_context() as ctx, ctx.Pool(workers, initializer=_init_worker, initargs=(config.to_dict(), gate)) as pool:
+        pending, todo = deque(), iter(chunks)
+        for part in todo:
+            pending.append((part, pool.apply_async(_prepare_chunk, (part,))))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            part, result = pending.popleft()
+            done = result.get()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.apply_async(_prepare_chunk, (nxt,))))
+            yield from zip(part, done)
+
+
+POOL_MIN_PHOTOS = 32  # a spawn worker takes seconds to import torch: fewer photos are decoded here by default
+
+
+def default_workers(n_photos: int | None = None) -> int:
+    """Decoding processes by default: the cores beyond two (at most 8); none for a few photos.
+
+    Two cores are left to the forward pass: on a 2-core machine a decoding process only competes
+    with it, and decoding here was faster (bench/screen.py).
+    """
+    if n_photos is not None and n_photos < POOL_MIN_PHOTOS:
+        return 0
+    return max(0, min(8, (os.cpu_count() or 2) - 2))
+
+
+# ----------------------------------------------------------------------------- grading (this process)
+
+def referral_cut(chosen: dict | None, head: str) -> tuple[float, str]:
+    """The threshold a photo is referable at, and where it comes from (the run's operating point or the default)."""
+    op = (chosen or {}).get("operating_point") or {}
+    t = op.get("threshold")
+    if isinstance(t, (int, float)) and math.isfinite(t):
+        target = op.get("target_sensitivity")
+        on = (chosen or {}).get("selected_on", "val")
+        return float(t), f"the run's operating point, chosen on {on}" + (f" for sensitivity {target}" if target else "")
+    why = op.get("error") or "the run has no operating point (no evaluation.json)"
+    default = DEFAULT_CUT[head]
+    return default, f"default {default}: {why}"
+
+
+def inference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy for batched inference: BatchNorm folded into the convolutions, channels_last.
+
+    Same outputs to float rounding; the shared model is not touched. On a 2-core CPU at 512 px the
+    two together make a ResNet-18's forward 2-3x faster than predict's plain model (bench/screen.py).
+    """
+    model = model if not model.training else copy.deepcopy(model).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+        fast = fuse(model)  # a copy (inplace=False)
+    except Exception:  # noqa: BLE001 - fx cannot trace every model; the fusion is only a speed-up
+        fast = copy.deepcopy(model)
+    return fast.to(memory_format=torch.channels_last).eval()
+
+
+def grade_batch(trained: inference.Trained, seen: np.ndarray, *, temperature: float = 1.0,
+                tta: bool = False) -> dict[str, np.ndarray]:
+    """Grades of a batch of preprocessed photos (B, S, S, 3) uint8, as ``predict`` gives them.
+
+    Returns:
+        ``{"grade", "referable_score"}`` and ``"probs"`` (B, 5) after ``temperature`` (classify head)
+        or ``"score"`` (B,) (regress head). With ``tta``, probabilities (or scores) are averaged over
+        ``predict.tta_views``, as ``predict`` does.
+    """
+    b = len(seen)
+    x = to_float(torch.from_numpy(np.ascontiguousarray(seen)), inference.device_of(trained), channels_last=True)
+    if tta:
+        x = tta_views(x).contiguous(memory_format=torch.channels_last)  # (V*B, 3, S, S)
+    out = inference.forward(trained, x).cpu().numpy().astype(np.float64)  # (V*B, K)
+    out = out.reshape(-1, b, out.shape[-1])  # (V, B, K)
+    if trained.config.head == "regress":
+        score = out.mean(0)[:, 0]
+        return {"grade": metrics.apply_thresholds(score, trained.thresholds).astype(np.int64), "score": score,
+                "referable_score": score}
+    probs = np.mean([calibration.apply_temperature(view, temperature) for view in out], axis=0)  # (B, 5)
+    return {"grade": probs.argmax(1), "probs": probs, "referable_score": probs[:, REFERABLE_GRADE:].sum(1)}
+
+
+# ----------------------------------------------------------------------------- the screen
+
+def _rows(batch: list, trained: inference.Trained, *, temperature: float, tta: bool, cut: float) -> list[dict]:
+    """Report rows for one batch of ``((image, path), prepared)``, in order."""
+    rows: list[dict | None] = [None] * len(batch)
+    graded = []
+    for i, ((image, _), prep) in enumerate(batch):
+        q = prep.get("quality")
+        if "error" in prep:
+            rows[i] = error_row(image, prep["error"])
+        elif prep["seen"] is None:  # the gate says it is not a fundus: not graded (issue 11)
+            rows[i] = error_row(image, "not a fundus photograph: " + ("; ".join(q["reasons"]) or "rejected"), q)
+        else:
+            graded.append(i)
+    if graded:
+        out = grade_batch(trained, np.stack([batch[i][1]["seen"] for i in graded]), temperature=temperature, tta=tta)
+        for j, i in enumerate(graded):
+            (image, _), prep = batch[i]
+            patient, eye = parse_patient_eye(image)
+            q = prep.get("quality") or {}
+            row = {"image": image, "patient": patient, "eye": eye or "", "grade": int(out["grade"][j]),
+                   "referable_score": float(out["referable_score"][j]),
+                   "referable": bool(out["referable_score"][j] >= cut),
+                   "quality": q.get("verdict"), "reasons": "; ".join(q.get("reasons", []))}
+            if "probs" in out:
+                row.update(zip(PROB_COLUMNS, map(float, out["probs"][j])))
+            else:
+                row["score"] = float(out["score"][j])
+            rows[i] = row
+    return rows
+
+
+def _checkpoint_id(trained: inference.Trained) -> str:
+    try:
+        st = os.stat(Path(trained.run_dir) / getattr(trained, "checkpoint", "best.pt"))
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    except OSError:
+        return "unknown"
+
+
+def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, workers: int | None = None,
+           quality_gate: bool = True, device: str = "cpu", on_progress=None, progress: bool = False,
+           stop=None) -> ScreenResult:
+    """Grade every photograph under ``folder`` with a run; write the photo and patient reports.
+
+    Args:
+        run: a run folder (its best checkpoint) or a ``retino.inference.Trained``.
+        folder: searched recursively for .jpeg/.jpg/.png (any case).
+        out: the photo report, ``x.csv`` (:func:`report_paths`); default :func:`default_report`.
+            Photos already in it are skipped (a resumed screen).
+        batch_size: photos a forward pass.
+        tta: average over ``predict.tta_views`` (4x the work).
+        workers: decoding processes (0: decode here; None: :func:`default_workers` for the folder).
+        quality_gate: run ``retino.quality.assess``: ``not_fundus`` photos are not graded,
+            ``ungradable`` ones are, with the reasons beside the grade.
+        on_progress: called ``(done, total)`` after each batch's rows are written; an exception it
+            raises stops the screen (the rows written so far stay).
+        progress: a tqdm bar on stderr.
+        stop: a ``threading.Event``; when set, the screen stops after the current batch.
+
+    Raises:
+        ScreenError: the folder or the report cannot be used (one line).
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ScreenError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if workers is not None and int(workers) < 0:
+        raise ScreenError(f"workers must be >= 0 (0: decode in this process), got {workers}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ScreenError("device cuda: no CUDA GPU is available here; use cpu or auto")
+    photos, problems = find_photos(folder)  # the cheap refusals first, before torch loads a model
+    run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
+    paths = report_paths(out if out is not None else default_report(folder, run_dir))
+    trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
+        else inference.as_trained(run)
+    head = trained.config.head
+    chosen = read_chosen(trained.run_dir)
+    temperature = float((chosen or {}).get("temperature") or 1.0) if head != "regress" else 1.0
+    cut, source = referral_cut(chosen, head)
+    key = {"run": str(Path(trained.run_dir).resolve()), "checkpoint": getattr(trained, "checkpoint", "best.pt"),
+           "checkpoint_id": _checkpoint_id(trained), "folder": str(Path(folder).resolve()), "tta": bool(tta),
+           "quality_gate": bool(quality_gate), "threshold": cut, "temperature": temperature}
+    done = open_report(paths, key)
+    todo = [p for p in photos if p[0] not in done]
+    fresh_problems = [r for r in problems if r["image"] not in done]
+    total, finished, complete = len(todo) + len(fresh_problems), 0, True
+    workers = default_workers(len(todo)) if workers is None else int(workers)
+    fast = replace(trained, model=inference_model(trained.model))
+    chunk = max(1, min(8, batch_size // max(1, 2 * workers)))
+    appender = Appender(paths[0])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="screen", unit="photo")
+    try:
+        appender.write(fresh_problems)
+        finished = len(fresh_problems)
+        with contextlib.closing(_prepared(todo, trained.config, gate=quality_gate, workers=workers,
+                                          chunk=chunk)) as stream:
+            batch = []
+            for item in stream:
+                batch.append(item)
+                if len(batch) < batch_size and finished + len(batch) < total:
+                    continue
+                appender.write(_rows(batch, fast, temperature=temperature, tta=tta, cut=cut))
+                finished += len(batch)
+                batch = []
+                if bar is not None:
+                    bar.update(finished - bar.n)
+                if on_progress is not None:
+                    on_progress(finished, total)
+                if stop is not None and stop.is_set():
+                    complete = finished >= total
+                    break
+    finally:
+        appender.close()
+        if bar is not None:
+            bar.close()
+    table = read_report(paths[0]).sort_values("image", kind="stable").reset_index(drop=True)
+    patients = patient_table(table)
+    write_table(paths[0], table)
+    write_table(paths[1], patients)
+    result = ScreenResult(paths[0], paths[1], paths[2], table, patients, cut, source, temperature,
+                          finished, len(photos) + len(problems) - total, complete)
+    runs.write_json(paths[2], {"key": key, "summary": result.summary()})
+    return result
