@@ -2,7 +2,9 @@
 
 Every number and map comes from ``retino.predict`` and ``retino.explain``; the model is loaded once
 per (run, checkpoint stamp) and shared by every session (``explain`` locks it while a map is made),
-predictions and maps are cached per photo, so moving the opacity slider only re-blends.
+predictions and maps are cached per photo, so moving the opacity slider only re-blends. Each photo
+shows the quality gate's verdict (a photo that is not a fundus is not graded unless asked), the
+referral at the run's operating point and calibrated probabilities.
 """
 import hashlib
 import io
@@ -29,10 +31,10 @@ def load_model(run_dir: str, stamp: tuple):
 
 
 @st.cache_data(max_entries=64, show_spinner=False)  # a Prediction holds a photo of up to 1024 px
-def grade_photo(run_key: tuple, name: str, digest: str, tta: bool, _trained, _data: bytes):
+def grade_photo(run_key: tuple, name: str, digest: str, tta: bool, gate: bool, _trained, _data: bytes):
     buf = io.BytesIO(_data)
     buf.name = name  # load_image names the file in its one-line errors
-    return predict.predict(_trained, [buf], tta=tta)[0]
+    return predict.predict(_trained, [buf], tta=tta, quality_gate=gate)[0]
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -129,14 +131,36 @@ def map_options(trained) -> tuple[bool, str, object, object, float]:
     return tta, method, target, contrast, opacity
 
 
-def results_table(preds, truth) -> None:
-    for p in preds:
-        if not p.ok:
+def verdicts(preds, digests) -> None:
+    """Per photo: an error box when it is rejected (not a fundus: with "Grade anyway"), a warning box
+    when it is ungradable or something needs saying (unreadable EXIF)."""
+    shown = set()
+    for p, digest in zip(preds, digests):
+        if digest in shown:  # the same photo twice: one box, one checkbox (widget keys are unique)
+            continue
+        shown.add(digest)
+        q = p.quality or {}
+        if q.get("verdict") == "not_fundus":
+            reasons = "; ".join(q["reasons"])
+            st.error(f"{p.image}: not a fundus photograph: {reasons}" + ("" if not p.ok else " (graded anyway)"),
+                     icon=":material/hide_image:")
+            st.checkbox("Grade anyway", key=f"predict.anyway.{digest}",
+                        help="Grade it with the quality gate off: the grade of a photo that is not a fundus means nothing.")
+        elif not p.ok:
             st.error(p.error, icon=":material/broken_image:")
+        elif q.get("verdict") == "ungradable":
+            st.warning(f"{p.image}: ungradable: {'; '.join(q['reasons'])}. Graded anyway: the grade may not hold.",
+                       icon=":material/warning:")
+        for line in p.warnings:
+            st.warning(line, icon=":material/warning:")
+
+
+def results_table(preds, truth) -> None:
     table = predict.predictions_table(preds, truth)
     st.dataframe(table.dropna(axis=1, how="all"), hide_index=True, key="predict.table",
                  column_config={"grade_name": "ICDR name", "true_grade": "true grade",
                                 "score": st.column_config.NumberColumn("raw score", format="%.2f"),
+                                "referable": st.column_config.CheckboxColumn("referable"),
                                 **{f"p{g}": st.column_config.NumberColumn(f"P(grade {g})", format="percent")
                                    for g in GRADES}})
     st.download_button("Download the table (CSV)", table.to_csv(index=False), file_name="predictions.csv",
@@ -169,10 +193,25 @@ def show_map(trained, run_key, pred, digest, method, target, contrast, opacity) 
     g1, g2 = st.columns([2, 3])
     g1.subheader(f"Grade {pred.grade}: {info['name']}")
     g1.write(info["description"])
-    g1.caption("Research tool on a model you trained; not a diagnosis.")
+    g1.markdown(referral_line(pred, trained))
+    g1.caption(f"Quality gate: {(pred.quality or {}).get('verdict', 'not run')}. "
+               "Research tool on a model you trained; not a diagnosis.")
     chart = (charts.score_on_thresholds(pred.score, pred.thresholds) if regress
              else charts.probabilities(pred.probs, pred.grade))
     g2.plotly_chart(chart, key="predict.chart")
+    if not regress:
+        g2.caption(f"Probabilities calibrated (temperature {pred.temperature:.2f}, chosen on "
+                   f"{trained.selected_on or 'val'})." if pred.temperature else
+                   "Probabilities not calibrated: this run has no temperature (it predates evaluation.json).")
+
+
+def referral_line(pred, trained) -> str:
+    """"Referable at this run's operating point: yes (P(grade >= 2) 0.63, threshold 0.41)", or the default rule."""
+    what = "score" if pred.probs is None else "P(grade ≥ 2)"
+    where = ("at this run's operating point" if trained.operating_point
+             else "by the default rule (this run has no operating point)")
+    return (f"Referable {where}: **{'yes' if pred.referable else 'no'}** ({what} {pred.referable_score:.2f}, "
+            f"threshold {pred.referable_threshold:.2f})")
 
 
 def page() -> None:
@@ -194,7 +233,9 @@ def page() -> None:
     tta, method, target, contrast, opacity = map_options(trained)
     with st.spinner("Grading…"):
         digests = [hashlib.sha1(data).hexdigest() for _, data in photos]
-        preds = [grade_photo(run_key, name, d, tta, trained, data) for (name, data), d in zip(photos, digests)]
+        preds = [grade_photo(run_key, name, d, tta, not st.session_state.get(f"predict.anyway.{d}"), trained, data)
+                 for (name, data), d in zip(photos, digests)]
+    verdicts(preds, digests)
     results_table(preds, truth)
     graded = {d: p for p, d in zip(preds, digests) if p.ok}  # digest -> prediction: stable across reruns
     if not graded:

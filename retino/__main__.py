@@ -37,10 +37,14 @@ def _num(value, digits: int = 4) -> str:
 def cmd_synth(args) -> int:
     from .data.synthetic import make_dataset
     try:
-        out = make_dataset(args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=not args.quiet)
+        out = make_dataset(args.out_dir, n=args.n, size=args.size, seed=args.seed, progress=not args.quiet,
+                           degraded=args.degraded)
     except ValueError as e:
         raise UserError(str(e))
-    print(f"wrote {args.n} synthetic fundus images to {out}", file=sys.stderr)
+    counts = json.loads((out / "synth.json").read_text()).get("degraded_counts") or {}
+    degraded = (f", {sum(counts.values())} of them degraded ({', '.join(f'{n} {k}' for k, n in counts.items())}; "
+                f"listed in {out / 'quality.csv'})" if counts else "")
+    print(f"wrote {args.n} synthetic fundus images to {out}{degraded}", file=sys.stderr)
     return 0
 
 
@@ -341,8 +345,31 @@ def _write_cams(trained, preds, cam_dir: Path, method: str) -> dict[int, str]:
     return cams
 
 
+def _predict_header(trained) -> str:
+    """The run, its checkpoint, how its probabilities are calibrated and the referral rule: once, on stderr."""
+    from .inference import referral
+    calib = ""
+    if trained.config.head == "classify":
+        calib = (f"; probabilities calibrated (temperature {trained.temperature:.3g})" if trained.temperature
+                 else "; probabilities not calibrated (the run has no evaluation.json)")
+    return (f"{trained.run_dir}: {trained.checkpoint} (epoch {trained.epoch}){calib}\n"
+            f"referable when {referral(trained)[1]}")
+
+
+def _predict_line(p, cam: str | None) -> str:
+    """One photo, one line: its grade, probabilities or score, referral and, if not ok, the gate's verdict."""
+    if not p.ok:
+        return f"{p.image}: rejected: {p.reason}"
+    detail = f"score {p.score:.2f}" if p.score is not None else "p = " + " ".join(f"{q:.2f}" for q in p.probs)
+    line = f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}  referable: {'yes' if p.referable else 'no'}"
+    q = p.quality or {}
+    if q.get("verdict", "ok") != "ok":
+        line += f"  quality: {q['verdict']} ({'; '.join(q['reasons'])})"
+    return line + (f"  cam: {cam}" if cam else "")
+
+
 def cmd_predict(args) -> int:
-    """Exit 0 when every image was graded, 2 when any was rejected."""
+    """Exit 0 when every image was graded, 2 when any was rejected (unreadable, or not a fundus photograph)."""
     from .inference import load_trained
     from .predict import predict
     cam_dir = Path(args.cam_dir) if args.cam_dir else None
@@ -351,23 +378,35 @@ def cmd_predict(args) -> int:
         if cam_dir.exists() and not cam_dir.is_dir():  # found now, not after grading everything
             raise UserError(f"--cam-dir {cam_dir}: exists and is not a folder")
     trained = load_trained(args.run_dir)
-    preds = predict(trained, args.images, tta=args.tta)
+    preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate)
     cams = _write_cams(trained, preds, cam_dir, args.cam_method) if cam_dir else {}
     source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch}
     if args.json:
         _print_json([{**p.as_dict(), **source, "cam": cams.get(i)} if p.ok else p.as_dict()
                      for i, p in enumerate(preds)])
     else:
-        print(f"{source['run']}: {source['checkpoint']} (epoch {source['epoch']})", file=sys.stderr)
+        print(_predict_header(trained), file=sys.stderr)
         for i, p in enumerate(preds):
-            if not p.ok:
-                print(f"{p.image}: rejected: {p.error.removeprefix(f'{p.image}: ')}")
-                continue
-            detail = (f"score {p.score:.2f}" if p.score is not None
-                      else "p = " + " ".join(f"{q:.2f}" for q in p.probs))
-            cam = f"  cam: {cams[i]}" if i in cams else ""
-            print(f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}{cam}")
+            print(_predict_line(p, cams.get(i)))
+    for p in preds:  # e.g. unreadable EXIF: each line names its file
+        for warning in p.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0 if all(p.ok for p in preds) else EXIT_BAD_INPUT
+
+
+def cmd_export(args) -> int:
+    """Write the model file and its deployment JSON; print both paths."""
+    from .export import export_run
+    out = _user_path(args.out, "--out") if args.out else None
+    try:
+        model_path, json_path = export_run(_user_path(args.run_dir, "RUN_DIR"), args.format, out)
+    except ImportError as e:  # onnx is an optional extra
+        raise UserError(f"--format {args.format} needs the {e.name or 'onnx'} package: pip install onnx onnxruntime")
+    except OSError as e:
+        raise UserError(f"cannot write the export: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+    print(model_path)
+    print(json_path)
+    return 0
 
 
 def cmd_cam_score(args) -> int:
@@ -434,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="number of images (default: 2000)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--degraded", type=float, default=0.0, metavar="FRACTION",
+                   help="share of photos made dark, blurred, over-exposed or cut off, listed in quality.csv "
+                        "(default: 0)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -470,7 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam-method", default="gradcam", type=str.lower,
                    help="gradcam, gradcam++, hirescam, eigencam or layercam (default: gradcam)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and small rotations)")
+    p.add_argument("--no-quality-gate", action="store_true",
+                   help="grade every readable photo, also those the quality gate finds not to be a fundus "
+                        "(their verdict is still reported)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a run's best model as ONNX or TorchScript, with a JSON of its "
+                                      "preprocessing")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, type=str.lower, choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="the model file, or a folder for model.onnx / model.pt "
+                                 "(default: RUN_DIR/export/); the JSON is written beside it")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cam-score", help="how well Grad-CAM points at the synthetic lesions")
     p.add_argument("run_dir")

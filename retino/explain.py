@@ -3,7 +3,10 @@
 ``explain`` runs a CAM method at the last residual block (``layer4[-1]``) on what the model saw, for
 the predicted grade or a chosen one, against grade 0 by default (:class:`GradeTarget`), and returns
 the map, its overlay and the prediction of the same forward pass. The map has the resolution of
-``layer4``: the image size / 32 cells a side. :func:`overlay_on_photo` lays it over the original photo.
+``layer4``: the image size / 32 cells a side, and is zero outside the image's boundary mask
+(``preprocess(..., return_mask=True)``: Ben Graham's 90% of the fundus radius, away from clipped
+edges), so it cannot point at what preprocessing blanked or at the fundus's rim (issue 11 §2).
+:func:`overlay_on_photo` lays it over the original photo.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def map_cells(image_size: int) -> int:
 class Explanation:
     """A class-activation map on what the model saw, and the prediction of the same forward pass."""
 
-    heatmap: np.ndarray          # (S, S) float32 in [0, 1]
+    heatmap: np.ndarray          # (S, S) float32 in [0, 1]; 0 outside the boundary mask
     overlay: np.ndarray          # (S, S, 3) uint8 RGB: the map blended over the preprocessed photo
     method: str
     target: int | None           # the grade explained; None for a regress head (the raw score is)
@@ -155,7 +158,7 @@ def overlay_on_photo(photo: np.ndarray, heatmap: np.ndarray, crop: tuple, *,
 
 
 def explain(model, image, *, method: str = "gradcam", target: int | None = None, contrast: int | None = 0,
-            image_weight: float = 0.5) -> Explanation:
+            image_weight: float = 0.5, mask: np.ndarray | None = None) -> Explanation:
     """Class-activation map of one image at the model's last residual block (``layer4[-1]``).
 
     Args:
@@ -170,6 +173,9 @@ def explain(model, image, *, method: str = "gradcam", target: int | None = None,
         contrast: explain the target's log-odds against this grade (default 0: "rather than no
             retinopathy"; see :class:`GradeTarget`); None = the target's raw logit.
         image_weight: the photo's share of the overlay (1 - the map's opacity).
+        mask: (S, S) bool, where the map may be non-zero; default: the image's boundary mask
+            (``Prediction.mask``, or made here for a decoded input). A preprocessed array given
+            without one is not masked: its fundus box is no longer known.
 
     Raises:
         ImageError: the image was rejected (its one-line reason).
@@ -179,17 +185,21 @@ def explain(model, image, *, method: str = "gradcam", target: int | None = None,
     if isinstance(image, Prediction):
         if not image.ok:
             raise ImageError(image.error)
-        seen = image.seen
+        seen, keep = image.seen, image.mask
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-        seen = image
+        seen, keep = image, None
     else:
         pred = load(image, trained, inference.input_name(image, 0))
         if not pred.ok:
             raise ImageError(pred.error)
-        seen = pred.seen
+        seen, keep = pred.seen, pred.mask
+    keep = keep if mask is None else np.asarray(mask, bool)
+    if keep is not None and keep.shape != seen.shape[:2]:
+        raise ValueError(f"mask has shape {keep.shape}, the image {seen.shape[:2]}")
     maps, outputs = class_activation_maps(trained, seen[None], [target], method, contrast)
+    heat = maps[0] if keep is None else np.where(keep, maps[0], np.float32(0))  # (S, S)
     grade, probs, score = inference.read_output(outputs[0], trained)
     regress = trained.config.head == "regress"
     explained = None if regress else (grade if target is None else int(target))
-    return Explanation(maps[0], overlay(seen, maps[0], image_weight=image_weight), method, explained,
+    return Explanation(heat, overlay(seen, heat, image_weight=image_weight), method, explained,
                        None if regress or contrast == explained else contrast, grade, probs, score)

@@ -17,16 +17,13 @@ from pathlib import Path
 import torch
 
 from . import runs
-from .inference import load_trained
+from .data.preprocess import MASK_FRACTION
+from .grades import GRADE_NAMES, REFERABLE_GRADE
+from .inference import load_trained, referral
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 17                  # ONNX opset: onnxruntime >= 1.14 runs it; every op of a ResNet is in it
-BOUNDARY_FRACTION = 0.9     # Ben Graham's mask: 90% of the fundus radius (retino.data.preprocess, issue 11)
-
-try:                        # retino.grades lands with issue 13; until then the same short names here
-    from .grades import GRADE_NAMES
-except ImportError:         # pragma: no cover - only before the merge
-    GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
+BOUNDARY_FRACTION = MASK_FRACTION  # Ben Graham's mask: 90% of the fundus radius (retino.data.preprocess, issue 11)
 
 
 def _paths(run_dir: Path, fmt: str, out) -> tuple[Path, Path]:
@@ -65,16 +62,16 @@ def _torchscript_bytes(model: torch.nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def _extras(trained, run_dir: Path, checkpoint: str) -> dict:
-    """Temperature and operating point: on the Trained object where the calibration work put them,
-    else in the checkpoint, else the defaults (1.0, none)."""
-    temperature = getattr(trained, "temperature", None)
-    point = getattr(trained, "operating_point", None)
-    if temperature is None or point is None:
-        ckpt = runs.load_checkpoint(run_dir / checkpoint)
-        temperature = ckpt.get("temperature", 1.0) if temperature is None else temperature
-        point = ckpt.get("operating_point") if point is None else point
-    return {"temperature": float(temperature), "operating_point": point}
+def _extras(trained) -> dict:
+    """Temperature, operating point and the referral rule, as ``predict`` applies them: what
+    ``load_trained`` read from the run's ``evaluation.json`` (chosen on val), else 1.0 and the default cut."""
+    cut, rule = referral(trained)
+    score = ("the score" if trained.config.head == "regress"
+             else f"P(grade >= {REFERABLE_GRADE}): the sum of softmax(logits / temperature) over grades "
+                  f"{REFERABLE_GRADE}-4")
+    return {"temperature": float(trained.temperature or 1.0), "operating_point": trained.operating_point,
+            "selected_on": trained.selected_on,
+            "referral": {"threshold": cut, "rule": rule, "referable_when": f"{score} >= threshold"}}
 
 
 def deployment_info(trained, fmt: str, model_file: str, checkpoint: str = "best.pt") -> dict:
@@ -84,7 +81,7 @@ def deployment_info(trained, fmt: str, model_file: str, checkpoint: str = "best.
     head = cfg.head
     output = "logits" if head == "classify" else "score"
     n_out = int(trained.model.fc.out_features)
-    extras = _extras(trained, Path(trained.run_dir), checkpoint)
+    extras = _extras(trained)
     return {
         "format": fmt, "model_file": model_file, "run": Path(trained.run_dir).name, "checkpoint": checkpoint,
         "epoch": int(trained.epoch), "arch": cfg.arch, "head": head,
@@ -97,16 +94,20 @@ def deployment_info(trained, fmt: str, model_file: str, checkpoint: str = "best.
             "steps": ["decode to RGB (EXIF orientation applied, alpha on black)",
                       "crop to the fundus: rows and columns where more than 2% of pixels have "
                       "max(R, G, B) > 12",
-                      "pad with black to a centred square",
-                      f"resize to {size} x {size} (area interpolation when shrinking, bilinear when enlarging)",
+                      f"resize the crop so its long side is {size} px (area interpolation when shrinking, "
+                      "bilinear when enlarging)",
+                      f"pad with black to a centred {size} x {size} square",
                       *(["Ben Graham: 4 * img - 4 * GaussianBlur(img, sigma = size / 60) + 128, then 128 "
-                         f"outside {BOUNDARY_FRACTION} x the fundus radius"] if cfg.ben_graham else []),
+                         f"outside {BOUNDARY_FRACTION} x the fundus radius (size / 2) and within "
+                         f"{1 - BOUNDARY_FRACTION:.1f} x that radius of the crop's edges in the square "
+                         "(a clipped edge)"] if cfg.ben_graham else []),
                       "scale to [0, 1], subtract mean, divide by std (per channel)"],
             "image_size": size, "ben_graham": bool(cfg.ben_graham), "boundary_mask_fraction": BOUNDARY_FRACTION,
             "mean": [float(m) for m in trained.norm[0]], "std": [float(s) for s in trained.norm[1]]},
         "postprocessing": {"temperature": extras["temperature"],
                            "thresholds": [float(t) for t in trained.thresholds],
-                           "operating_point": extras["operating_point"], "grade_names": list(GRADE_NAMES)},
+                           "operating_point": extras["operating_point"], "selected_on": extras["selected_on"],
+                           "referral": extras["referral"], "grade_names": list(GRADE_NAMES)},
     }
 
 

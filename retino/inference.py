@@ -2,9 +2,11 @@
 
 What :mod:`retino.predict`, :mod:`retino.explain`, :mod:`retino.pointing`, :mod:`retino.evaluate`
 and the Predict page share: :func:`load_trained` (the architecture, weights, image size, Ben Graham
-setting, normalisation and thresholds the run saved, never today's widget values), :func:`prepare`
-(decode and preprocess one input), :func:`model_input` (uint8 images to the normalised tensor, the
-inference twin of :func:`retino.data.loaders.to_input`), :func:`forward` and :func:`read_output`.
+setting, normalisation and thresholds the run saved, never today's widget values; the temperature
+and referral operating point chosen on val, ``evaluation.json``; the out-of-distribution model,
+``ood.npz``), :func:`prepare_input` (decode and preprocess one input), :func:`model_input` (uint8
+images to the normalised tensor, the inference twin of :func:`retino.data.loaders.to_input`),
+:func:`forward` / :func:`forward_features`, :func:`read_output` and :func:`referral`.
 
 A model shared across Streamlit sessions is used by one request at a time: every forward pass here
 and every CAM holds the model's lock (CAM hooks would otherwise record another request's activations).
@@ -22,15 +24,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import metrics, runs
+from . import metrics, ood, runs
 from .config import TrainConfig
 from .data import ImageError, load_image, preprocess
 from .data.loaders import normalize, to_float
 from .data.preprocess import MAX_PIXELS, _placement, _to_rgb, exif_upright, fundus_bbox
-from .grades import DEFAULT_THRESHOLDS
+from .grades import DEFAULT_THRESHOLDS, REFERABLE_GRADE
 from .models import build_model, normalization
 
 ORIGINAL_MAX_PX = 1024  # the decoded photo kept for display is shrunk to this side at most
+# Referable without an operating point chosen on val: P(grade >= 2) >= 0.5, or a regression score at or
+# above the boundary between grades 1 and 2 (issue 11 §3; retino.screen uses the same cuts)
+DEFAULT_REFERRAL = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Module -> threading.Lock
 _LOCKS_GUARD = threading.Lock()
 
@@ -46,6 +51,10 @@ class Trained:
     epoch: int
     run_dir: Path
     checkpoint: str = "best.pt"
+    temperature: float | None = None     # classify head: chosen on val (evaluation.json); None: not calibrated
+    operating_point: dict | None = None  # {"threshold", "target_sensitivity", ...} chosen on val, or None
+    selected_on: str | None = None       # "val", or "test" for a run made before the val split
+    ood: dict | None = None              # retino.ood.fit_run_ood's model (ood.npz), or None
 
 
 def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> Trained:
@@ -67,7 +76,46 @@ def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> T
         raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load ({e})") from None
     model.to(device).eval()
     thresholds = list(ckpt.get("thresholds") or DEFAULT_THRESHOLDS)
-    return Trained(model, cfg, norm, thresholds, int(ckpt.get("epoch", 0)), run_dir, checkpoint)
+    trained = Trained(model, cfg, norm, thresholds, int(ckpt.get("epoch", 0)), run_dir, checkpoint)
+    if checkpoint == "best.pt":  # what evaluation.json and ood.npz were made for: the chosen checkpoint
+        _add_choices(trained)
+        try:
+            trained.ood = ood.read_run_ood(run_dir, trained.epoch)
+        except ValueError:  # a damaged ood.npz: predict without the model's view rather than not at all
+            trained.ood = None
+    return trained
+
+
+def _add_choices(trained: Trained) -> None:
+    """Temperature and operating point from ``evaluation.json``, when it was made for this checkpoint."""
+    from .evaluate import read_chosen  # evaluate imports this module
+    chosen = read_chosen(trained.run_dir)
+    if not chosen or chosen.get("epoch") not in (None, trained.epoch):
+        return
+    if trained.config.head == "classify" and chosen.get("temperature") is not None:
+        trained.temperature = float(chosen["temperature"])
+    op = chosen.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        trained.operating_point = dict(op)
+    trained.selected_on = chosen.get("selected_on")
+
+
+def referral(trained: Trained) -> tuple[float, str]:
+    """The cut a referable score is compared with (``score >= cut``) and the rule in words.
+
+    The run's operating point (chosen on val for a target sensitivity) where it has one, else
+    ``DEFAULT_REFERRAL``. The referable score is P(grade >= 2) after the run's temperature
+    (classify head) or the raw score (regress head).
+    """
+    what = "score" if trained.config.head == "regress" else f"P(grade >= {REFERABLE_GRADE})"
+    op = trained.operating_point
+    if op and op.get("threshold") is not None:
+        cut = float(op["threshold"])
+        target = op.get("target_sensitivity")
+        chosen = f"chosen on {trained.selected_on or 'val'}" + (f" for sensitivity {target:.2f}" if target else "")
+        return cut, f"{what} >= {cut:.3g}: the run's operating point, {chosen}"
+    cut = DEFAULT_REFERRAL[trained.config.head]
+    return cut, f"{what} >= {cut:g}: the default, as the run has no operating point"
 
 
 def as_trained(run_or_model, checkpoint: str = "best.pt") -> Trained:
@@ -109,16 +157,18 @@ def decode(src, name: str, size: int | None = None) -> Image.Image:
     """RGB PIL image from a path, bytes, file object or PIL image (EXIF honoured, bombs refused).
 
     ``size``: the working size, so a large JPEG may be decoded at reduced scale; None = full size.
+    ``img.info["warnings"]``: what the caller should show beside the result (unreadable EXIF).
     """
     if isinstance(src, Image.Image):  # decoded already: only the size check and the mode are left
         w, h = src.size
         if w * h > MAX_PIXELS:
-            raise ImageError(f"{name}: {w} x {h} pixels is larger than the {MAX_PIXELS / 1e6:.0f} MP limit")
-        upright, _ = exif_upright(src, name)  # unreadable EXIF: unrotated (load_image does the same)
-        return _to_rgb(upright)
+            raise ImageError(name, f"{w} x {h} pixels is larger than the {MAX_PIXELS / 1e6:.0f} MP limit")
+        upright, notes = exif_upright(src, name)  # unreadable EXIF: unrotated, said (as load_image does)
+        rgb = _to_rgb(upright)
+        rgb.info["warnings"] = notes
+        return rgb
     if not isinstance(src, (str, os.PathLike, bytes, bytearray)) and not hasattr(src, "read"):
-        raise ImageError(f"{name}: expected a path, bytes, a file object or a PIL image, "
-                         f"got {type(src).__name__}")
+        raise ImageError(name, f"expected a path, bytes, a file object or a PIL image, got {type(src).__name__}")
     if hasattr(src, "seek"):  # a Streamlit upload read by an earlier rerun starts at its end
         src.seek(0)
     return load_image(src, target=size)
@@ -134,28 +184,57 @@ def fundus_crop(rgb: np.ndarray) -> tuple[float, float, float, float]:
     return top / h, bottom / h, left / w, right / w
 
 
-def prepare(src, config: TrainConfig, name: str) -> tuple[np.ndarray, Image.Image, tuple]:
+@dataclass
+class Prepared:
+    """One input decoded and preprocessed as the run was trained."""
+
+    seen: np.ndarray           # (S, S, 3) uint8: what the model sees
+    mask: np.ndarray           # (S, S) bool: preprocess's boundary_mask, where the fundus is kept
+    original: Image.Image      # the decoded photo, shrunk to at most ORIGINAL_MAX_PX
+    crop: tuple                # the fundus box as fundus_crop fractions
+    warnings: list             # lines to show beside the result (unreadable EXIF)
+    photo: np.ndarray | None   # (H, W, 3) uint8: the decoded photo for the quality gate (None: not kept)
+
+
+def prepare_input(src, config: TrainConfig, name: str, *, keep_photo: bool = False) -> Prepared:
     """Decode and preprocess one input exactly as the run was trained.
 
-    Returns:
-        ``(seen, original, crop)``: what the model sees, (S, S, 3) uint8; the decoded photo shrunk
-        to at most ``ORIGINAL_MAX_PX``; the fundus box as :func:`fundus_crop` fractions.
+    ``keep_photo``: also keep the decoded photo at a size the quality gate can judge
+    (re-decoded at ``quality.GATE_TARGET`` when the run's draft decode made it smaller than
+    ``quality.GATE_MIN_SIDE``).
 
     Raises:
         ImageError: the input was rejected (one line that names it).
     """
+    from .quality import GATE_MIN_SIDE, GATE_TARGET
     try:
         img = decode(src, name, config.image_size)
         rgb = np.asarray(img)
-        seen = preprocess(rgb, config.image_size, ben_graham_norm=config.ben_graham)
+        seen, mask = preprocess(rgb, config.image_size, ben_graham_norm=config.ben_graham, return_mask=True)
         crop = fundus_crop(rgb)
+        photo = None
+        if keep_photo:
+            photo = rgb
+            if min(rgb.shape[:2]) < GATE_MIN_SIDE and not isinstance(src, Image.Image):
+                photo = np.asarray(decode(src, name, GATE_TARGET))
     except ImageError:
         raise
     except (OSError, ValueError, cv2.error) as e:  # anything else a malformed file can raise while decoding
         reason = str(e).splitlines()[0] if str(e) else repr(e)
-        raise ImageError(f"{name}: cannot be decoded: {reason}") from None
+        raise ImageError(name, f"cannot be decoded: {reason}") from None
+    warnings = list(img.info.get("warnings") or [])
     img.thumbnail((ORIGINAL_MAX_PX, ORIGINAL_MAX_PX))
-    return seen, img, crop
+    return Prepared(seen, mask, img, crop, warnings, photo)
+
+
+def prepare(src, config: TrainConfig, name: str) -> tuple[np.ndarray, Image.Image, tuple]:
+    """:func:`prepare_input` as ``(seen, original, crop)``.
+
+    Raises:
+        ImageError: the input was rejected (one line that names it).
+    """
+    p = prepare_input(src, config, name)
+    return p.seen, p.original, p.crop
 
 
 def map_on_photo(heat: np.ndarray, crop: tuple, shape: tuple[int, int]) -> np.ndarray:
@@ -203,16 +282,38 @@ def forward(trained: Trained, x: torch.Tensor) -> torch.Tensor:
         return model(normalize(x, *trained.norm)).float()
 
 
+def forward_features(trained: Trained, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model outputs (B, K) and penultimate features (B, d), both float32, from one pass (under the lock).
+
+    What the out-of-distribution score needs costs no second forward pass.
+    """
+    model = trained.model
+    with model_lock(model), torch.inference_mode():
+        model.eval()
+        feats, out = ood.penultimate_features(model, normalize(x, *trained.norm), with_output=True)
+        return out.float(), feats
+
+
 def device_of(trained: Trained) -> torch.device:
     return next(trained.model.parameters()).device
 
 
+def calibrated(out: torch.Tensor, trained: Trained) -> torch.Tensor:
+    """Probabilities ``softmax(logits / T)`` at the run's temperature (T = 1 where it has none): (..., K)."""
+    return (out.float() / (trained.temperature or 1.0)).softmax(-1)
+
+
 def read_output(out: torch.Tensor, trained: Trained) -> tuple[int, list[float] | None, float | None]:
-    """One image's output row as ``(grade, probs, score)``: probabilities for a classify head, the
-    raw score (cut by the run's thresholds) for a regress head."""
+    """One image's output row as ``(grade, probs, score)``: probabilities (after the run's
+    temperature) for a classify head, the raw score (cut by the run's thresholds) for a regress head."""
     out = out.float().cpu()
     if trained.config.head == "regress":
         score = float(out.view(-1)[0])
         return int(metrics.apply_thresholds([score], trained.thresholds)[0]), None, score
-    probs = out.softmax(-1)
+    probs = calibrated(out, trained)
     return int(probs.argmax()), [float(p) for p in probs], None
+
+
+def referable_score(probs: list[float] | None, score: float | None) -> float:
+    """P(grade >= 2) from a classify head's probabilities, or a regress head's raw score."""
+    return float(score) if probs is None else float(sum(probs[REFERABLE_GRADE:]))

@@ -9,8 +9,15 @@ measure, its value and the limit; every limit lives in :data:`LIMITS`.
 The model's own view comes on top: :func:`fit_ood` fits a Mahalanobis-distance model to a run's
 penultimate features (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution
 samples and adversarial attacks", https://arxiv.org/abs/1807.03888: class means, one shared
-covariance) with a cut-off that passes 99% of the calibration photos, and ``assess(..., ood=...)``
-adds its verdict.
+covariance) with a cut-off that passes 99% of the calibration photos (:mod:`retino.ood`; a run's
+model is fitted at the end of training into ``ood.npz``), and ``assess(..., ood=...)`` adds its verdict.
+
+The model's view alone never makes a photo ``not_fundus``: a photograph the photo's own measures
+find to be a fundus, but that the model finds unlike its training photos, is ``ungradable`` *by
+this model* (graded, with the reason beside the grade). The photo is a retina; what is in doubt is
+the grade. A run trained on synthetic photos finds about half of real EyePACS photographs out of
+its distribution (24 of the 50 of ``shared/real_fundus_sample`` when this gate was built), and
+calling those "not a fundus photograph" would be false; the reason names the synthetic training set.
 """
 from __future__ import annotations
 
@@ -19,11 +26,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 ANALYSIS_SIDE = 384     # px: the long side the field is looked for at (a few ms a photo)
 FOCUS_DIAMETER = 160    # px: the fundus diameter focus is measured at, whatever the photo's size (see Limits)
+GATE_MIN_SIDE = 256     # px: a photo decoded smaller than this for a small run (JPEG draft mode) ...
+GATE_TARGET = 512       # ... is decoded again at this size for the gate: min_diameter needs >= 128 px of field
 VERDICTS = ("ok", "ungradable", "not_fundus")
 
 
@@ -67,7 +75,13 @@ class Limits:
     min_red_share: float = 0.34
     """Median R / (R + G + B) over unclipped pixels inside 0.9 R: real 0.36-0.70 (blue-grey casts
     exist: 75_right 0.356), synthetic 0.51-0.77; grey and white are 0.333. Not measured when more
-    than 80% of the field is clipped (an over-exposed photo's colour is unreadable)."""
+    than 80% of the field is clipped (an over-exposed photo's colour is unreadable), nor on a
+    grey-scale photo (min_saturation): a red-free fundus photograph has no red to show."""
+    min_saturation: float = 0.04
+    """Median (max - min) / max of R, G, B over the same pixels (HSV saturation): real >= 0.089
+    (75_right's blue-grey cast), synthetic >= 0.36 (over-exposed ones); a grey-scale or red-free
+    photo ~0 (JPEG chroma noise stays below 0.02). Below it the photo is ungradable, not
+    'not a fundus': Retino's models grade colour photographs."""
     min_structure: float = 0.001
     """std of the sigma-3-px LoG of green / its median, at FOCUS_DIAMETER: real >= 0.0097,
     synthetic >= 0.075, over-exposed synthetic >= 0.0025; a uniform drawn disc 0.00007. Not applied
@@ -247,6 +261,8 @@ def measure(image, limits: Limits = LIMITS) -> dict[str, float]:
     if usable.mean() > 0.2:                                     # colour is unreadable in a clipped photo
         total = red[usable] + green[usable] + blue[usable]
         scores["red_share"] = float(np.median(red[usable] / total))
+        low = np.minimum(np.minimum(red[usable], green[usable]), blue[usable])
+        scores["saturation"] = float(np.median(1.0 - low / (top[usable] * 255.0)))
     # the analysis image holds a field of >= FOCUS_DIAMETER px whenever the photo does
     scores["focus"], scores["structure"] = _detail(small, cx, cy, r)
     return scores
@@ -276,6 +292,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
               ("a blank field, no retina to see", "structure", "structure", ">=", L.min_structure)]
     if sc.get("clipped", 0.0) > L.max_clipped:
         checks.pop()    # a burnt-out field is blank too: over-exposed (ungradable), not proof of no retina
+    if sc.get("saturation", 1.0) < L.min_saturation:
+        checks = [c for c in checks if c[2] != "red_share"]    # grey-scale: no colour to judge (ungradable)
     for what, measure_, key, op, limit in checks:
         if key in sc and (sc[key] < limit if op == ">=" else sc[key] > limit):
             out.append(_reason(what, measure_, sc[key], op, limit))
@@ -295,6 +313,9 @@ def _ungradable(sc: dict, L: Limits) -> list[str]:
         elif sc["clipped"] > L.max_clipped:
             out.append(_reason("over-exposed", "share of the field with green clipped", sc["clipped"], "<=",
                                L.max_clipped))
+    if sc.get("saturation", 1.0) < L.min_saturation:
+        out.append(_reason("a grey-scale photo, the model grades colour ones", "colour saturation",
+                           sc["saturation"], ">=", L.min_saturation))
     if "focus" in sc and sc.get("diameter_px", 0) >= L.min_diameter and sc["focus"] < L.min_focus:
         out.append(_reason("out of focus", "fine-to-coarse detail", sc["focus"], ">=", L.min_focus))
     if "visible" in sc and sc["visible"] < L.min_visible:
@@ -303,163 +324,52 @@ def _ungradable(sc: dict, L: Limits) -> list[str]:
     return out
 
 
-def assess(image, *, ood: tuple[float, float] | None = None, limits: Limits = LIMITS) -> Quality:
+def assess(image, *, ood: tuple[float, float] | None = None, trained_on: str | None = None,
+           limits: Limits = LIMITS) -> Quality:
     """The gate's verdict on one decoded photograph (before Retino's preprocessing).
 
     Args:
         image: RGB uint8 array (H, W, 3) or a PIL image: the photo as prediction decodes it
             (``load_image(src, target=image_size)`` with image_size >= 128 keeps a field of
-            >= ``min_diameter`` px). Focus is best judged on a field of >= 300 px, where the sensor's
-            noise is averaged away before the measure.
-        ood: ``(score, cutoff)`` from :func:`ood_score` and the run's :func:`fit_ood` calibration;
-            a score above the cut-off makes the photo ``not_fundus``.
+            >= ``min_diameter`` px; smaller decodes are redone at ``GATE_TARGET``). Focus is best
+            judged on a field of >= 300 px, where the sensor's noise is averaged away before the measure.
+        ood: ``(score, cutoff)`` from :func:`ood_score` and the run's :func:`fit_ood` calibration.
+        trained_on: what the model was trained on, named in its reason ("synthetic fundus images").
         limits: the thresholds (default :data:`LIMITS`).
 
     Returns:
-        ``not_fundus`` with the photo's own reasons (its ungradable reasons are left out: they
-        would describe something that is not a fundus); else ``not_fundus`` when only the model
-        finds it out of distribution (the ungradable reasons follow, as they may be why);
-        else ``ungradable`` with its reasons; else ``ok``.
+        See :func:`judge`.
     """
-    scores = measure(image, limits)
+    return judge(measure(image, limits), ood=ood, trained_on=trained_on, limits=limits)
+
+
+def judge(scores: dict, *, ood: tuple[float, float] | None = None, trained_on: str | None = None,
+          limits: Limits = LIMITS) -> Quality:
+    """The verdict from :func:`measure`'s scores and, optionally, the model's out-of-distribution score.
+
+    Returns:
+        ``not_fundus`` with the photo's own reasons (its ungradable reasons are left out: they
+        would describe something that is not a fundus; the model's reason follows when it agrees);
+        else ``ungradable`` with the reasons it cannot be graded, the model's own among them
+        ("unlike the photos this model was trained on": the model's view of its grade, not a
+        claim about the photo); else ``ok``.
+    """
+    scores = dict(scores)
     photo = _not_fundus(scores, limits)
     model = []
     if ood is not None:
         score, cutoff = float(ood[0]), float(ood[1])
         scores.update(ood_score=score, ood_cutoff=cutoff)
         if score > cutoff:
-            model.append(f"unlike the photos this model was trained on: Mahalanobis distance {score:.1f}, "
-                         f"cut-off {cutoff:.1f}")
+            what = f" ({trained_on})" if trained_on else ""
+            model.append(f"unlike the photos this model was trained on{what}: Mahalanobis distance "
+                         f"{score:.1f}, cut-off {cutoff:.1f}")
     if photo:
         return Quality("not_fundus", photo + model, scores)
-    reasons = _ungradable(scores, limits)
-    if model:
-        return Quality("not_fundus", model + reasons, scores)
+    reasons = _ungradable(scores, limits) + model
     return Quality("ungradable" if reasons else "ok", reasons, scores)
 
 
-# ----------------------------------------------------------------------------- the model's own view
-
-def penultimate_features(model: torch.nn.Module, x: torch.Tensor, *, with_output: bool = False):
-    """The pooled features a Retino (torchvision-layout) ResNet feeds its ``fc``: (B, d) float.
-
-    The layers are called in turn rather than hooked, so a model shared between threads needs no
-    lock for this. ``with_output=True`` also returns ``fc``'s output (logits or the regression
-    score) from the same pass: ``(features, output)``.
-    """
-    missing = [n for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool", "fc")
-               if not hasattr(model, n)]
-    if missing:
-        raise ValueError(f"{type(model).__name__} has no {', '.join(missing)}: expected a Retino or "
-                         f"torchvision ResNet")
-    with torch.inference_mode():
-        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))   # (B, 64, H/4, W/4)
-        h = model.layer4(model.layer3(model.layer2(model.layer1(h))))  # (B, d, H/32, W/32)
-        feats = torch.flatten(model.avgpool(h), 1).float()           # (B, d)
-        return (feats, model.fc(feats)) if with_output else feats
-
-
-def features_of(trained, seen: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """Penultimate features of preprocessed photos (N, S, S, 3) uint8 with a ``Trained`` run: (N, d).
-
-    Normalised with the run's own mean/std, as prediction does; what :func:`fit_ood` is fitted on.
-    """
-    from .data.loaders import normalize, to_float
-    seen = np.asarray(seen)
-    if seen.ndim != 4 or seen.shape[-1] != 3 or seen.dtype != np.uint8:
-        raise ValueError(f"expected preprocessed photos (N, S, S, 3) uint8, got {seen.dtype} {seen.shape}")
-    device = next(trained.model.parameters()).device
-    out = [penultimate_features(trained.model, normalize(to_float(torch.from_numpy(seen[i:i + batch_size]), device),
-                                                         *trained.norm)).cpu().numpy()
-           for i in range(0, len(seen), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, trained.model.fc.in_features), np.float32)
-
-
-def _matrix(features, what: str) -> np.ndarray:
-    a = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-    if a.ndim != 2 or a.shape[0] < 1 or not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"{what} must be a 2-D array (n, d) of numbers, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{what} holds NaN or infinite values")
-    return a.astype(np.float64)
-
-
-def fit_ood(features_val, labels=None, *, fit_features=None, fit_labels=None, pass_rate: float = 0.99) -> dict:
-    """Mahalanobis out-of-distribution model with a cut-off that passes ``pass_rate`` of ``features_val``.
-
-    Class means (one per label; one mean when there are no labels) and one covariance shared by
-    the classes, shrunk towards a scaled identity by Ledoit-Wolf (scikit-learn) so it stays
-    invertible with fewer photos than feature dimensions. The means and covariance come from
-    ``fit_features`` (the training photos) when given, else from ``features_val`` itself; the
-    cut-off is the smallest distance that at least ``pass_rate`` of ``features_val`` lie within.
-
-    Returns:
-        plain numbers and numpy arrays: ``means`` (k, d), ``precision`` (d, d), ``classes``,
-        ``cutoff``, ``pass_rate``, ``n_fit``, ``n_val``, ``shrinkage``; :func:`save_ood` stores it.
-    """
-    from sklearn.covariance import LedoitWolf
-    val = _matrix(features_val, "features_val")
-    fit = val if fit_features is None else _matrix(fit_features, "fit_features")
-    lab = labels if fit_features is None else fit_labels
-    if fit.shape[1] != val.shape[1]:
-        raise ValueError(f"fit_features have {fit.shape[1]} dimensions, features_val {val.shape[1]}")
-    if not 0.5 <= pass_rate < 1.0:
-        raise ValueError(f"pass_rate must be in [0.5, 1), got {pass_rate}")
-    if lab is None:
-        classes, idx = np.array([-1]), np.zeros(len(fit), int)
-    else:
-        lab = np.asarray(lab).reshape(-1)
-        if len(lab) != len(fit):
-            raise ValueError(f"{len(lab)} labels for {len(fit)} feature rows")
-        classes, idx = np.unique(lab, return_inverse=True)
-    means = np.stack([fit[idx == i].mean(0) for i in range(len(classes))])   # (k, d)
-    lw = LedoitWolf(assume_centered=True).fit(fit - means[idx])
-    params = {"method": "mahalanobis", "means": means.astype(np.float32),
-              "precision": lw.precision_.astype(np.float32), "classes": [int(c) for c in classes],
-              "shrinkage": float(lw.shrinkage_), "pass_rate": float(pass_rate),
-              "n_fit": int(len(fit)), "n_val": int(len(val))}
-    scores = np.sort(ood_score(val, params))
-    k = int(np.ceil(pass_rate * len(scores)))                   # >= pass_rate of val at or below it
-    params["cutoff"] = float(scores[k - 1])
-    return params
-
-
-def ood_score(features, params: dict) -> np.ndarray:
-    """Mahalanobis distance of each row to the nearest class mean: (n,) float; larger = stranger."""
-    x = _matrix(features, "features")
-    means, prec = np.asarray(params["means"], np.float64), np.asarray(params["precision"], np.float64)
-    if x.shape[1] != means.shape[1]:
-        raise ValueError(f"features have {x.shape[1]} dimensions, the OOD model {means.shape[1]}")
-    diff = x[:, None, :] - means[None]                           # (n, k, d)
-    d2 = np.einsum("nkd,de,nke->nk", diff, prec, diff)
-    return np.sqrt(np.maximum(d2.min(1), 0.0))
-
-
-def is_ood(features, params: dict) -> np.ndarray:
-    """True where a row's :func:`ood_score` is above the calibrated cut-off: (n,) bool."""
-    return ood_score(features, params) > params["cutoff"]
-
-
-def save_ood(path, params: dict) -> Path:
-    """Write an OOD model as ``.npz`` (no pickle) and return its path."""
-    path = Path(path)
-    arrays = {k: np.asarray(v) for k, v in params.items()}
-    with open(path, "wb") as f:                                 # a file object: numpy adds no suffix
-        np.savez(f, **arrays)
-    return path
-
-
-def load_ood(path) -> dict:
-    """Read what :func:`save_ood` wrote; ValueError naming the file when it is not one."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not an OOD model written by retino.quality.save_ood ({e})") from None
-    missing = {"means", "precision", "cutoff"} - set(raw)
-    if missing:
-        raise ValueError(f"{path}: not an OOD model, it lacks {', '.join(sorted(missing))}")
-    out = {k: (v if v.ndim else v.item()) for k, v in raw.items()}
-    out["classes"] = [int(c) for c in np.atleast_1d(out.get("classes", [-1]))]
-    return out
+# the model's own view lives in retino.ood; its names are kept here for the callers of the first version
+from .ood import (features_of, fit_ood, fit_run_ood, is_ood, load_ood, ood_score,  # noqa: E402,F401
+                  penultimate_features, read_run_ood, save_ood)

@@ -112,8 +112,13 @@ def test_predict_every_kind_of_photo(trained, fundus, tmp_path):
         assert p.score is None and p.original is not None
     # the same photo as a path, bytes and a PIL image is the same input to the model
     np.testing.assert_array_equal(preds[0].seen, preds[5].seen)
-    assert preds[0].as_dict() == {"image": str(files[0]), "grade": preds[0].grade,
-                                  "grade_name": GRADE_INFO[preds[0].grade]["name"], "probs": preds[0].probs}
+    out = preds[0].as_dict()
+    assert {k: out[k] for k in ("image", "grade", "grade_name", "probs")} == {
+        "image": str(files[0]), "grade": preds[0].grade, "grade_name": GRADE_INFO[preds[0].grade]["name"],
+        "probs": preds[0].probs}
+    assert out["referable"] == (out["referable_score"] >= out["referable_threshold"]) and out["warnings"] == []
+    # 64-px photos are fundus photos too small to grade: graded, with the gate's reason beside the grade
+    assert out["quality"]["verdict"] == "ungradable" and out["quality"]["reasons"][0].startswith("fundus too small")
 
 
 def test_exif_orientation_is_honoured(trained, fundus, tmp_path):
@@ -164,6 +169,8 @@ def test_regress_head(regress_run, fundus):
     pred = predict(regress_run, [Image.fromarray(fundus)], tta=True)[0]
     assert pred.ok and pred.probs is None and isinstance(pred.score, float) and len(pred.thresholds) == 4
     assert pred.grade == int(np.digitize(pred.score, pred.thresholds))
+    assert pred.referable_score == pred.score and pred.referable == (pred.score >= pred.referable_threshold)
+    assert pred.referable_rule.startswith("score >= ") and pred.temperature is None
     e = explain.explain(load_trained(regress_run), pred, target=3)
     assert e.target is None and e.contrast is None and e.heatmap.shape == (SIZE, SIZE)
 
@@ -242,9 +249,11 @@ def test_predictions_table(trained, fundus, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("x")
     table = predictions_table(predict(trained, [Image.fromarray(fundus), bad]))
-    assert list(table.columns) == ["image", "grade", "grade_name", "p0", "p1", "p2", "p3", "p4", "score", "error"]
+    assert list(table.columns) == ["image", "grade", "grade_name", "p0", "p1", "p2", "p3", "p4", "score", "referable",
+                                   "quality", "reasons", "error"]
+    assert table["quality"][0] == "ungradable" and table["reasons"][0].startswith("fundus too small")
     assert table["grade_name"][0] == GRADE_INFO[table["grade"][0]]["name"]
-    assert table["error"][1].startswith("bad.jpg: not an image")
+    assert table["error"][1].startswith(f"{bad}: not an image")  # named as the input was given
     assert set(GRADE_INFO) == set(range(5)) and GRADE_INFO[4]["name"] == "Proliferative DR"
 
 
@@ -273,7 +282,9 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
     out = json.loads(ok.stdout)
     assert [o["image"] for o in out] == [str(p) for p in images]
     for o in out:
-        assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam"}
+        assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam", "temperature",
+                          "referable", "referable_score", "referable_threshold", "referable_rule", "quality",
+                          "warnings"}
         assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
         assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", 1)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()
@@ -294,7 +305,7 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
     assert len(lines) == 3 and "grade" in lines[0] and "rejected" in lines[1]
     assert GRADE_INFO[int(lines[0].split("grade ")[1].split()[0])]["name"] in lines[0]
     assert lines[2].count("missing.jpeg") == 1 and "cannot be read" in lines[2]  # named once, not twice
-    assert f"{run_dir}: best.pt (epoch 1)" in text.stderr
+    assert f"{run_dir}: best.pt (epoch 1)" in text.stderr and "referable when P(grade >= 2) >= " in text.stderr
     unknown = run_cli("predict", run_dir, images[0], "--cam-dir", cams, "--cam-method", "nonsense")
     assert unknown.returncode == 2 and "Choose one of" in unknown.stderr
     a_file = tmp_path / "a-file"

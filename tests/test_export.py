@@ -18,6 +18,7 @@ from retino.data.loaders import normalize, to_float
 from retino.data.preprocess import load_and_preprocess
 from retino.inference import load_trained
 from retino.export import FORMATS, export_run
+from retino.predict import predict
 
 SIZE = 64
 
@@ -80,8 +81,9 @@ def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, h
     assert pre["image_size"] == SIZE and pre["ben_graham"] == (head == "classify")
     assert pre["boundary_mask_fraction"] == 0.9
     assert pre["mean"] == pytest.approx(list(trained.norm[0])) and pre["std"] == pytest.approx(list(trained.norm[1]))
-    assert post["thresholds"] == pytest.approx(trained.thresholds) and post["temperature"] == 1.0
-    assert post["operating_point"] is None and len(post["grade_names"]) == 5
+    assert post["thresholds"] == pytest.approx(trained.thresholds)
+    assert post["temperature"] == pytest.approx(trained.temperature or 1.0)   # evaluation.json's, as predict
+    assert post["operating_point"] == trained.operating_point and len(post["grade_names"]) == 5
     assert any("Ben Graham" in s for s in pre["steps"]) == (head == "classify")
 
 
@@ -111,3 +113,31 @@ def test_bad_format_and_bad_run_are_one_line_errors(trained_runs, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(runs.RunError, match="no such run folder"):
         export_run(tmp_path / "nowhere", "onnx")
+
+
+def test_deployment_json_reproduces_predict(trained_runs, tiny_data, tmp_path):
+    """The exported network plus the JSON's temperature and referral give predict's probabilities and referral."""
+    run_dir = trained_runs["classify"]
+    chosen = json.loads((run_dir / "evaluation.json").read_text())
+    model_path, json_path = export_run(run_dir, "onnx", tmp_path)
+    post = json.loads(json_path.read_text())["postprocessing"]
+    assert post["temperature"] == pytest.approx(chosen["temperature"]) and post["selected_on"] == "val"
+    has_point = chosen["operating_point"].get("threshold") is not None
+    assert post["referral"]["threshold"] == pytest.approx(chosen["operating_point"]["threshold"] if has_point else 0.5)
+    trained = load_trained(run_dir)
+    photos = sorted((tiny_data / "images").glob("*.jpeg"))[:4]
+    preds = predict(trained, photos, quality_gate=False)
+    x = normalize(to_float(torch.from_numpy(np.stack([p.seen for p in preds])), "cpu"), *trained.norm)
+    z = _run_exported(model_path, "onnx", x) / post["temperature"]             # (4, 5)
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, [p.probs for p in preds], atol=1e-4)
+    assert [bool(q[2:].sum() >= post["referral"]["threshold"]) for q in probs] == [p.referable for p in preds]
+
+
+def test_cli_export_prints_both_paths(trained_runs, tmp_path):
+    r = run_cli("export", trained_runs["regress"], "--format", "torchscript", "--out", tmp_path / "deploy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(tmp_path / "deploy" / "model.pt"), str(tmp_path / "deploy" / "model.json")]
+    bad = run_cli("export", tmp_path / "nowhere", "--format", "onnx")
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such run folder"

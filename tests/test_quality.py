@@ -84,7 +84,8 @@ NOT_FUNDUS = {  # picture -> a reason it must be given
     "face on grey": (face, "no round fundus field on a dark background"),
     "face on black": (lambda: face((0, 0, 0)), "field not round"),
     "light grey disc": (lambda: disc((215, 215, 215)), "a blank field"),
-    "grey disc": (lambda: disc((128, 128, 128)), "not the colour of a retina"),
+    "grey disc": (lambda: disc((128, 128, 128)), "a blank field"),
+    "blue disc": (lambda: disc((60, 90, 200)), "not the colour of a retina"),
     "red disc": (lambda: disc((200, 80, 40)), "a blank field"),
     "checkerboard": (checkerboard, "fundus field too small"),
     "circuit board": (circuit, "no round fundus field on a dark background"),
@@ -151,6 +152,15 @@ def test_degraded_photos_are_ungradable_for_the_right_reason(kind):
         if kind == "cut_off":   # the lesion mask moves with the field
             assert bad_mask is not None and bad_mask.shape == mask.shape
         assert assess(rgb).verdict == "ok"                   # the same photo, undamaged, passes
+
+
+def test_a_grey_scale_fundus_is_ungradable_not_rejected():
+    """A red-free or grey-scale fundus photograph has no red to show: ungradable by a colour model."""
+    rgb, _ = render_fundus(2, size=256, seed=1)
+    grey = np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, 2)
+    q = assess(grey)
+    assert q.verdict == "ungradable" and _has(q, "a grey-scale photo") and q.scores["saturation"] < 0.02
+    assert assess(rgb).verdict == "ok" and assess(rgb).scores["saturation"] > LIMITS.min_saturation
 
 
 def test_too_small_to_grade():
@@ -237,15 +247,22 @@ def test_ood_bad_input():
 
 
 def test_assess_adds_the_models_view():
+    """The model's view alone makes a fundus ungradable (by this model), never 'not a fundus'."""
     rgb, _ = render_fundus(3, size=256, seed=11)
     q = assess(rgb, ood=(41.2, 30.0))
-    assert q.verdict == "not_fundus"
+    assert q.verdict == "ungradable"
     assert q.reasons == ["unlike the photos this model was trained on: Mahalanobis distance 41.2, cut-off 30.0"]
     assert q.scores["ood_score"] == 41.2
     assert assess(rgb, ood=(12.0, 30.0)).verdict == "ok"
+    q = assess(rgb, ood=(41.2, 30.0), trained_on="synthetic fundus images")
+    assert q.reasons[0].startswith("unlike the photos this model was trained on (synthetic fundus images):")
     dark, _ = degrade_photo(rgb, "dark", seed=0)
     q = assess(dark, ood=(41.2, 30.0))   # a fundus the model finds strange: the reasons say why
-    assert q.verdict == "not_fundus" and _has(q, "unlike the photos") and _has(q, "too dark")
+    assert q.verdict == "ungradable" and _has(q, "too dark") and _has(q, "unlike the photos")
+    q = assess(face((0, 0, 0)), ood=(41.2, 30.0))   # the photo's own evidence first, the model's view after
+    assert q.verdict == "not_fundus" and _has(q, "field not round") and q.reasons[-1].startswith("unlike")
+    judged = quality.judge(quality.measure(rgb), ood=(41.2, 30.0))   # measure + judge is assess, in two steps
+    assert judged.as_dict() == assess(rgb, ood=(41.2, 30.0)).as_dict()
 
 
 @pytest.mark.parametrize("arch,head", [("resnet18", "classify"), ("resnet18", "regress"), ("resnet50", "classify")])
