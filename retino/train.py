@@ -572,6 +572,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
 
 def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loaders, splits, norm) -> None:
     """The chosen checkpoint (best.pt, by val QWK) on val and test, once: predictions.csv and test.json."""
+    from .ood import fit_run_ood
     from .report import write_evaluation
     if beat:
         beat.update(phase="evaluating the chosen checkpoint on test")
@@ -588,6 +589,8 @@ def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loader
         write_evaluation(run_dir, {name: (splits[name].frame, outputs[name]) for name in outputs},
                          head=cfg.head, thresholds=list(best["thresholds"]), epoch=int(best["epoch"]),
                          target_sensitivity=cfg.target_sensitivity)
+        # the model's own view for the quality gate: its penultimate features of train, cut-off on val
+        fit_run_ood(run_dir, unwrap(model), splits["train"], splits["val"], norm=norm, epoch=int(best["epoch"]))
 
 
 # ----------------------------------------------------------------------------- progress
