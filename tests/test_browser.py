@@ -143,7 +143,7 @@ def test_dashboard_end_to_end(tmp_path, tiny_data):
             _nav(page, "Train")
             page.get_by_text("Active runs (0)").wait_for(timeout=30_000)
             _settled(page)
-            _set_number(page, "epochs", 2)
+            _set_number(page, "epochs", 3)
             _set_number(page, "image size", 64)
             _set_number(page, "batch size", 16)
             page.get_by_text("Advanced", exact=True).click()
@@ -159,17 +159,20 @@ def test_dashboard_end_to_end(tmp_path, tiny_data):
                         status = json.loads((folders[0] / "status.json").read_text())
                     except ValueError:
                         pass  # replaced atomically, but read it again to be safe
-                if status.get("state") == "running" and status.get("steps") and not shot_live:
-                    shot_live = True  # best effort: a fast machine may finish before the next poll
-                    try:
-                        page.get_by_text("images/s").first.wait_for(timeout=5_000)
-                        _shoot(page, "2-train-live", shots)
-                    except pw.TimeoutError:
-                        pass
+                if status.get("state") == "running" and status.get("epoch", 0) >= 2 and not shot_live:
+                    # epoch 1 has ended (its val QWK is a point) and two more are to come: the live view
+                    # draws accuracy, loss, QWK and the per-step loss while the run is still going
+                    shot_live = True
+                    page.get_by_text("images/s").first.wait_for(timeout=20_000)
+                    live_qwk = page.locator(".js-plotly-plot text", has_text="QWK")
+                    live_qwk.first.wait_for(timeout=20_000)
+                    assert page.locator(".js-plotly-plot text", has_text="train loss per step").count() >= 1
+                    _shoot(page, "2-train-live", shots)
                 if status.get("state") in ("completed", "failed", "stopped"):
                     break
                 time.sleep(1)
             assert status.get("state") == "completed", f"run ended as {status}; see {folders[0] / 'train.log'}"
+            assert shot_live, "the live view was never seen while the run trained"
             page.get_by_text("Active runs (0)").wait_for(timeout=15_000)  # the fragment polls every 2 s
             page.get_by_text("completed").first.wait_for(timeout=15_000)
             _settled(page)
@@ -193,7 +196,31 @@ def test_dashboard_end_to_end(tmp_path, tiny_data):
             overlay = page.locator("[data-testid=stImage] img, [data-testid=stImageContainer] img")
             assert overlay.count() >= 3  # the photograph, what the model saw, the Grad-CAM overlay
             assert page.get_by_text("gradcam", exact=False).count() >= 1
+            # issue 10: the referral line at the run's operating point (or the default rule), calibrated
+            page.get_by_text("Referable", exact=False).first.wait_for(timeout=30_000)
+            # issue 11: the quality gate's verdict beside the grade (a 64 px photo is too small to grade)
+            page.get_by_text("too small to grade", exact=False).first.wait_for(timeout=30_000)
             _shoot(page, "5-predict", shots)
+
+            # issue 14: the lab-report preset names its runs <name>-<arch>-<scratch|pretrained>; without
+            # the ImageNet weights it offers the scratch runs only (the default choice)
+            _nav(page, "Train")
+            page.get_by_text("Active runs (0)").wait_for(timeout=30_000)
+            page.get_by_test_id("stSidebar").get_by_text("Quick demo (CPU)").click()
+            page.get_by_text("Lab report: ResNet18/50 x scratch/pretrained").click()
+            page.get_by_text("A run name becomes", exact=False).wait_for(timeout=30_000)
+            _settled(page)
+            name_box = page.get_by_label("name", exact=True)
+            name_box.fill("lab")
+            name_box.press("Tab")
+            _set_number(page, "epochs", 1)
+            _set_number(page, "image size", 64)
+            page.get_by_role("button", name="Start 4 runs").click()
+            page.get_by_text("Started").first.wait_for(timeout=30_000)
+            names = {d.name.split("-", 2)[-1] for d in runs_dir.iterdir() if (d / "config.json").exists()}
+            assert {"lab-resnet18-scratch", "lab-resnet50-scratch"} <= names, names
+            assert not any("pretrained" in n for n in names)  # the weights are not on this machine
+            _shoot(page, "6-preset", shots)
             browser.close()
     finally:
         from retino import jobs, runs
