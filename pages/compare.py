@@ -134,11 +134,14 @@ def test_results(chosen: list[dict]) -> dict:
                "best point value among the selected runs (lowest ECE); overlapping intervals mean the gap may be "
                "noise: B vs A below says. Sensitivity and specificity of referable DR (grade ≥ 2) at each run's "
                "threshold, chosen on val for its target sensitivity.")
-    for r in chosen:
-        if reports.get(r["id"]) is None and r["id"] not in evaluated and dashboard.checkpoint_stamp(r["path"]):
+    for r in chosen:  # a live run is evaluated by its trainer when it completes
+        if (reports.get(r["id"]) is None and r["id"] not in evaluated and r["state"] in dashboard.PREDICTABLE
+                and dashboard.checkpoint_stamp(r["path"])):
             c1, c2 = st.columns([3, 1])
-            c1.caption(f"{r['label']} was made before runs kept their test predictions: evaluate its best "
-                       "checkpoint on its test split once (its choices were made on test).")
+            why = ("was made before runs kept their test predictions" if runs.selected_on(r["rows"]) == "test"
+                   else "has no test evaluation")
+            c1.caption(f"{r['label']} {why}: evaluate its best checkpoint on its test split once (its temperature "
+                       "and operating point are then chosen on test, and marked so).")
             if c2.button("Evaluate once", key=f"compare.evaluate.{r['id']}", icon=":material/fact_check:"):
                 try:
                     with st.spinner(f"Evaluating {r['label']} on its test split…"):
@@ -191,7 +194,15 @@ def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> N
     for label, r in rocs.items():
         if "error" in r:
             st.caption(f"{label}: {r['error']}.")
-    st.plotly_chart(charts.roc_curves(rocs, colours=colours), key="compare.roc")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.roc_curves(rocs, colours=colours), key="compare.roc")
+    right.markdown("**Operating points** (◆): each run's threshold on P(grade ≥ 2), fixed on val for its target "
+                   "sensitivity, applied once to test.")
+    for label, r in rocs.items():
+        if "error" not in r:
+            where = f"chosen on {r['chosen_on']}" if r["chosen_on"] else "none could be chosen: 0.5"
+            right.caption(f"{label}: threshold {r['threshold']:.3f} ({where}) → sensitivity {r['sensitivity']:.1%}, "
+                          f"specificity {r['specificity']:.1%}; AUC {r['auc']:.3f}")
     diagrams = {label: compare.reliability(t, c) for label, (t, c) in tables.items()}
     diagrams = {k: d for k, d in diagrams.items() if d is not None}
     if diagrams:
