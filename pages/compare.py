@@ -1,11 +1,16 @@
-"""Compare: pick runs, then overlay their curves, confusion matrices, best-epoch metrics and configs.
+"""Compare: pick runs, then their test figures with intervals, B vs A, ROC and reliability, curves,
+confusion matrices, the photos a run gets most wrong, and configs.
 
 Every number comes from ``retino.compare`` (pure pandas) and every figure from ``retino.charts``;
-metrics are read once per (run, metrics stamp), so 50 runs on disk stay quick (bench/compare_page.py).
+metrics and evaluations are read once per (run, file stamps), so 50 runs on disk stay quick
+(bench/compare_page.py). Nothing here runs a model unless the user asks (evaluate once, Grad-CAM).
 """
 import streamlit as st
 
-from retino import charts, compare, dashboard, runs
+from retino import charts, compare, dashboard, evaluate, explain, runs
+from retino.data import DatasetError, ImageError
+from retino.grades import grade_label
+from retino.inference import load_trained
 
 PERCENT = {"accuracy", "macro_f1", "balanced_acc", "sens_at_90spec", "majority_acc", "acc_over_majority"}
 HEADINGS = {"run": "run", "best_epoch": "best epoch", "epochs": "epochs", "accuracy": "accuracy", "qwk": "QWK",
@@ -24,6 +29,40 @@ def metrics_of(path) -> list[dict]:
     return read_metrics(str(path), stamp) if stamp else []  # no epoch yet, or the folder vanished
 
 
+@st.cache_data(show_spinner=False, max_entries=500)
+def test_report(path: str, stamp: tuple) -> dict | None:
+    """A run's test report (test.json, or from its saved predictions), re-read when a file changes."""
+    return dashboard.read_test_report(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def saved_evaluation(path: str, stamp: tuple):
+    """(predictions.csv, evaluation.json) of a run, or None before it is evaluated."""
+    return dashboard.read_evaluation(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def versus(path_a: str, path_b: str, stamps: tuple) -> dict:
+    """B minus A with paired intervals (raises RunError when their test images differ: not cached)."""
+    return evaluate.compare_runs(path_a, path_b)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def test_files(path: str, stamp: tuple, config: dict) -> dict:
+    return dashboard.image_files(config)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the model…")
+def trained_model(path: str, stamp: tuple):
+    return load_trained(path)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cam_overlay(_trained, run_key: tuple, file: str):
+    """Grad-CAM of the run's predicted grade (against grade 0) over what the model saw."""
+    return explain.explain(_trained, file).overlay
+
+
 def number_columns(columns) -> dict:
     return {c: st.column_config.NumberColumn(HEADINGS.get(c, c), format="percent" if c in PERCENT else "%.3f")
             for c in columns if c in HEADINGS and c not in ("run", "best_epoch", "epochs")}
@@ -36,7 +75,9 @@ def load_records() -> list[dict]:
                                 [r.config.get("train", {}) for r in infos])
     return [{"label": label, "name": "" if r.name == r.id else r.name, "id": r.id, "state": r.state,
              "config": r.config.get("train", {}), "tags": r.tags, "created": r.created, "path": r.path,
-             "problems": r.problems, "rows": metrics_of(r.path)}
+             "problems": r.problems, "rows": metrics_of(r.path), "dataset": compare.dataset_label(r.config),
+             "code": r.config.get("code"), "data_fingerprint": r.config.get("data_fingerprint"),
+             "full_config": r.config}
             for r, label in zip(infos, labels)]
 
 
@@ -70,6 +111,145 @@ def pick_runs(records: list[dict]) -> list[dict]:
     return chosen
 
 
+def test_results(chosen: list[dict]) -> dict:
+    """The test-results table (intervals, best marked), evaluate-once buttons, and the mismatch warnings.
+
+    Returns run id -> (predictions table, choices) for the runs evaluated so far.
+    """
+    st.subheader("On the test split, everything chosen on val")
+    reports, evaluated = {}, {}
+    for r in chosen:
+        stamp = dashboard.evaluation_stamp(r["path"])
+        try:
+            reports[r["id"]] = test_report(str(r["path"]), stamp)
+            saved = saved_evaluation(str(r["path"]), stamp)
+        except runs.RunError as e:
+            st.warning(f"{r['label']}: {e}", icon=":material/warning:")
+            continue
+        if saved is not None:
+            evaluated[r["id"]] = saved
+    table = compare.test_results_table([{**r, "report": reports.get(r["id"])} for r in chosen])
+    st.table(table.style.map(lambda v: "font-weight: bold" if str(v).endswith(compare.BEST_MARK) else ""))
+    st.caption(f"95% patient-level bootstrap intervals (both eyes resampled together). {compare.BEST_MARK.strip()} "
+               "best point value among the selected runs (lowest ECE); overlapping intervals mean the gap may be "
+               "noise: B vs A below says. Sensitivity and specificity of referable DR (grade ≥ 2) at each run's "
+               "threshold, chosen on val for its target sensitivity.")
+    for r in chosen:  # a live run is evaluated by its trainer when it completes
+        if (reports.get(r["id"]) is None and r["id"] not in evaluated and r["state"] in dashboard.PREDICTABLE
+                and dashboard.checkpoint_stamp(r["path"])):
+            c1, c2 = st.columns([3, 1])
+            why = ("was made before runs kept their test predictions" if runs.selected_on(r["rows"]) == "test"
+                   else "has no test evaluation")
+            c1.caption(f"{r['label']} {why}: evaluate its best checkpoint on its test split once (its temperature "
+                       "and operating point are then chosen on test, and marked so).")
+            if c2.button("Evaluate once", key=f"compare.evaluate.{r['id']}", icon=":material/fact_check:"):
+                try:
+                    with st.spinner(f"Evaluating {r['label']} on its test split…"):
+                        dashboard.evaluate_once(r["path"])
+                    st.rerun()
+                except (runs.RunError, DatasetError, OSError) as e:
+                    st.error(f"{r['label']}: {e}")
+    labels = {r["id"]: r["label"] for r in chosen}
+    mismatch = compare.test_set_mismatch({labels[i]: t for i, (t, _) in evaluated.items()})
+    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(chosen):
+        st.warning(warning, icon=":material/warning:")
+    return evaluated
+
+
+def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
+    """Any two selected runs: B minus A on the same test images, paired by patient."""
+    st.subheader("B vs A")
+    by_id = {r["id"]: r for r in chosen}
+    ids = list(by_id)
+    c1, c2 = st.columns(2)
+    name = lambda i: f"{by_id[i]['label']} · {i}"  # noqa: E731
+    a = c1.selectbox("A", ids, index=min(1, len(ids) - 1), key="compare.a", format_func=name)
+    b = c2.selectbox("B", ids, index=0, key="compare.b", format_func=name)
+    if a == b:
+        st.info("Pick two different runs as A and B.", icon=":material/compare_arrows:")
+        return
+    missing = [by_id[i]["label"] for i in (a, b) if i not in evaluated]
+    if missing:
+        st.info(f"Not evaluated yet: {', '.join(missing)} (see above).", icon=":material/info:")
+        return
+    try:
+        result = versus(str(by_id[a]["path"]), str(by_id[b]["path"]),
+                        (dashboard.evaluation_stamp(by_id[a]["path"]), dashboard.evaluation_stamp(by_id[b]["path"])))
+    except (runs.RunError, ValueError) as e:
+        st.warning(f"A and B cannot be compared: {e}", icon=":material/block:")
+        return
+    st.markdown(compare.versus_sentence(result))
+    st.table(compare.versus_table(result))
+    st.caption("B − A on the same test images; the interval and p(B better) come from resampling patients, "
+               "the same ones for both runs in every resample, so what the two share cancels out.")
+
+
+def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> None:
+    """ROC curves with each run's operating point; reliability diagrams side by side."""
+    if not evaluated:
+        return
+    st.subheader("Referable DR and calibration (test split)")
+    tables = {r["label"]: evaluated[r["id"]] for r in chosen if r["id"] in evaluated}
+    rocs = {label: compare.roc(t, c) for label, (t, c) in tables.items()}
+    for label, r in rocs.items():
+        if "error" in r:
+            st.caption(f"{label}: {r['error']}.")
+    left, right = st.columns(2)
+    left.plotly_chart(charts.roc_curves(rocs, colours=colours), key="compare.roc")
+    right.markdown("**Operating points** (◆): each run's threshold on P(grade ≥ 2), fixed on val for its target "
+                   "sensitivity, applied once to test.")
+    for label, r in rocs.items():
+        if "error" not in r:
+            where = f"chosen on {r['chosen_on']}" if r["chosen_on"] else "none could be chosen: 0.5"
+            right.caption(f"{label}: threshold {r['threshold']:.3f} ({where}) → sensitivity {r['sensitivity']:.1%}, "
+                          f"specificity {r['specificity']:.1%}; AUC {r['auc']:.3f}")
+    diagrams = {label: compare.reliability(t, c) for label, (t, c) in tables.items()}
+    diagrams = {k: d for k, d in diagrams.items() if d is not None}
+    if diagrams:
+        st.plotly_chart(charts.reliability_diagrams(diagrams, colours=colours), key="compare.reliability")
+        st.caption("A calibrated model's points lie on the diagonal: of the photos it gives 80% confidence, 80% "
+                   "are right. Solid: after the temperature fitted on val (what Predict shows); dashed: before.")
+
+
+def gallery(chosen: list[dict], evaluated: dict) -> None:
+    """One run's most-wrong test photos with their Grad-CAM, computed only when asked for."""
+    by_id = {r["id"]: r for r in chosen if r["id"] in evaluated}
+    if not by_id:
+        return
+    with st.expander("The test photos a run gets most wrong, with Grad-CAM", icon=":material/image_search:"):
+        st.caption("Largest distance between the label and the predicted grade, then the lowest probability of the "
+                   "true grade: where label noise and failure modes show.")
+        c1, c2 = st.columns([3, 2])
+        rid = c1.selectbox("Run", list(by_id), key="compare.gallery_run",
+                           format_func=lambda i: f"{by_id[i]['label']} · {i}")
+        if not c2.toggle("Show the photos (runs the model)", key="compare.gallery"):
+            return
+        run = by_id[rid]
+        worst = compare.worst_predictions(evaluated[rid][0], n=8)
+        if worst.empty:
+            st.success("This run grades every test photo right.")
+            return
+        stamp = dashboard.checkpoint_stamp(run["path"])
+        try:
+            files = test_files(str(run["path"]), stamp, run["full_config"])
+            trained = trained_model(str(run["path"]), stamp)
+        except (DatasetError, runs.RunError) as e:
+            st.error(f"{run['label']}: {e}")
+            return
+        cols = st.columns(4)
+        with st.spinner("Grad-CAM of each photo…"):
+            for i, w in worst.iterrows():
+                p = f", P(true) {w['p_true']:.0%}" if w["p_true"] == w["p_true"] else ""
+                caption = f"{w['image']}: true {grade_label(w['label'])}, predicted {grade_label(w['grade'])}{p}"
+                try:
+                    cols[i % 4].image(cam_overlay(trained, (str(run["path"]), stamp), files[w["image"]]),
+                                      caption=caption, width="stretch")
+                except (KeyError, ImageError) as e:
+                    cols[i % 4].caption(f"{caption}: no photo ({e})")
+        st.caption(f"Maps of the predicted grade against grade 0, at {explain.map_cells(trained.config.image_size)}"
+                   f" cells a side (the image size / {explain.MAP_STRIDE}).")
+
+
 def best_epochs(chosen: list[dict]) -> None:
     st.subheader("At each run's best epoch (highest validation QWK; test QWK for runs without validation)")
     best = compare.best_epoch_table(chosen)
@@ -88,14 +268,17 @@ def curves(with_rows: list[dict], colours: dict) -> None:
     st.subheader("Curves")
     frame = compare.curves_frame(with_rows)
     left, right = st.columns(2)
-    left.plotly_chart(charts.curves(frame, ["train_acc", "test_acc"], title="accuracy (train dashed, test solid)",
-                                    yaxis="accuracy", percent=True, colours=colours), key="compare.acc")
-    right.plotly_chart(charts.curves(frame, ["train_loss", "test_loss"], title="loss (train dashed, test solid)",
-                                     yaxis="loss", colours=colours, log_y="auto"), key="compare.loss")
-    left.plotly_chart(charts.curves(frame, ["test_qwk"], title="test QWK", yaxis="QWK", colours=colours),
-                      key="compare.qwk")
-    right.plotly_chart(charts.curves(frame, ["test_macro_f1"], title="test macro-F1", yaxis="macro-F1",
-                                     colours=colours), key="compare.f1")
+    left.plotly_chart(charts.curves(frame, ["train_acc", "val_acc", "test_acc"], yaxis="accuracy", percent=True,
+                                    title="accuracy (train dashed, val dotted, test solid)", colours=colours),
+                      key="compare.acc")
+    right.plotly_chart(charts.curves(frame, ["train_loss", "val_loss", "test_loss"], yaxis="loss", log_y="auto",
+                                     title="loss (train dashed, val dotted, test solid)", colours=colours),
+                       key="compare.loss")
+    left.plotly_chart(charts.curves(frame, ["val_qwk", "test_qwk"], title="QWK (val dotted, test solid)",
+                                    yaxis="QWK", colours=colours), key="compare.qwk")
+    right.plotly_chart(charts.curves(frame, ["val_macro_f1", "test_macro_f1"], yaxis="macro-F1",
+                                     title="macro-F1 (val dotted, test solid)", colours=colours), key="compare.f1")
+    st.caption("Test is drawn where the run recorded it each epoch; nothing on it chose an epoch or a threshold.")
 
 
 def confusion(with_rows: list[dict]) -> None:
@@ -184,10 +367,16 @@ def page() -> None:
         if not r["rows"]:
             st.caption(f"{r['label']} has no finished epoch yet.")
     with_rows = [r for r in chosen if r["rows"]]
+    colours = charts.run_colours([r["label"] for r in chosen])
+    evaluated = test_results(chosen)
+    if len(chosen) > 1:
+        b_vs_a(chosen, evaluated)
+    roc_and_calibration(chosen, evaluated, colours)
     best_epochs(chosen)
     if with_rows:
-        curves(with_rows, charts.run_colours([r["label"] for r in chosen]))
+        curves(with_rows, colours)
         confusion(with_rows)
+    gallery(chosen, evaluated)
     seeds_and_settings(chosen)
     manage(chosen)
 

@@ -20,6 +20,7 @@ GRADE_LABELS = tuple(grade_label(g) for g in GRADES)
 PALETTE = qualitative.Plotly + qualitative.D3[1::2] + qualitative.Dark24  # distinct first, then more
 SPLIT_COLOURS = {"train": "#4C78A8", "val": "#54A24B", "test": "#F58518"}
 _MARGIN = dict(l=10, r=10, t=40, b=10)
+SPLIT_DASH = {"train": "dash", "val": "dot", "test": "solid"}  # one run, one colour: the split is the dash
 
 
 def run_colours(labels: Sequence[str]) -> dict[str, str]:
@@ -48,7 +49,7 @@ def curves(frame: pd.DataFrame, keys: Sequence[str], *, title: str, yaxis: str, 
            colours: Mapping[str, str] | None = None, log_y: bool | str = False) -> go.Figure:
     """Per-epoch lines of ``keys`` (columns of ``compare.curves_frame``) for every run in ``frame``.
 
-    One colour per run; a train_* key is dashed and its test_* twin solid (as in the lab report's
+    One colour per run; a train_* key is dashed, val_* dotted and test_* solid (as in the lab report's
     accuracy figure). The legend names the run and the split; hover shows every run at that epoch.
     ``log_y="auto"`` switches to a log axis when the values span more than 100x (a diverging loss
     would otherwise flatten every other curve).
@@ -63,7 +64,7 @@ def curves(frame: pd.DataFrame, keys: Sequence[str], *, title: str, yaxis: str, 
             split = key.split("_", 1)[0]
             fig.add_scatter(x=df["epoch"], y=df[key] * scale, mode="lines+markers", legendgroup=run,
                             name=f"{run} · {split}" if len(keys) > 1 else run,
-                            line=dict(color=colours.get(run), dash="dash" if split == "train" else "solid"),
+                            line=dict(color=colours.get(run), dash=SPLIT_DASH.get(split, "solid")),
                             marker=dict(size=6),
                             hovertemplate=f"{run} · {key}: %{{y:.{1 if percent else 3}f}}<extra></extra>")
     fig.update_layout(title=title, margin=_MARGIN, height=340, hovermode="x unified",
@@ -179,4 +180,69 @@ def score_on_thresholds(score: float, thresholds: Sequence[float]) -> go.Figure:
         fig.add_vline(x=t, line_dash="dot", line_color="#9aa5b1")
     fig.update_layout(xaxis=dict(range=[min(-0.5, score - 0.5), max(4.5, score + 0.5)], title="raw score"),
                       yaxis=dict(visible=False), height=160, margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+def roc_curves(rocs: Mapping[str, Mapping], *, colours: Mapping[str, str] | None = None) -> go.Figure:
+    """ROC curves of referable DR, one per run (``compare.roc`` output), each run's operating point a marker.
+
+    The marker sits at (1 - specificity, sensitivity) of the threshold chosen on val, applied to test:
+    the point a screening programme would run at, not the curve's best corner.
+    """
+    colours = colours or run_colours(list(rocs))
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#bbbbbb", dash="dot", width=1),
+                    showlegend=False, hoverinfo="skip")
+    for run, r in rocs.items():
+        if "error" in r:
+            continue
+        colour = colours.get(run)
+        fig.add_scatter(x=r["fpr"], y=r["tpr"], mode="lines", name=f"{run} (AUC {r['auc']:.3f})", legendgroup=run,
+                        line=dict(color=colour, shape="hv"),
+                        hovertemplate=f"{run}<br>1 - specificity %{{x:.3f}}<br>sensitivity %{{y:.3f}}<extra></extra>")
+        where = f"chosen on {r['chosen_on']}" if r.get("chosen_on") else "none chosen: 0.5"
+        fig.add_scatter(x=[r["point"][0]], y=[r["point"][1]], mode="markers", legendgroup=run, showlegend=False,
+                        name=f"{run} operating point",
+                        marker=dict(color=colour, size=12, symbol="diamond", line=dict(color="black", width=1)),
+                        hovertemplate=(f"{run}: operating point<br>threshold {r['threshold']:.3f} ({where})<br>"
+                                       f"sensitivity {r['sensitivity']:.3f}<br>specificity {r['specificity']:.3f}"
+                                       "<extra></extra>"))
+    fig.update_layout(title="referable DR (grade ≥ 2), test: ◆ each run's operating point", margin=_MARGIN,
+                      height=380, legend=dict(orientation="h", yanchor="top", y=-0.18, x=0, font=dict(size=11)))
+    fig.update_xaxes(title="1 - specificity", range=[-0.01, 1.01], constrain="domain")
+    fig.update_yaxes(title="sensitivity", range=[-0.01, 1.01], scaleanchor="x", constrain="domain")
+    return fig
+
+
+def reliability_diagrams(diagrams: Mapping[str, Mapping], *, colours: Mapping[str, str] | None = None,
+                         columns: int = 3) -> go.Figure:
+    """Reliability diagrams side by side (``compare.reliability`` output): accuracy against confidence per bin.
+
+    Solid: after the run's temperature (what Predict shows); dashed: before. The title of each
+    panel gives its ECE (15 bins, Guo et al. 2017) after and before. Empty bins are left out.
+    """
+    labels = list(diagrams)
+    colours = colours or run_colours(labels)
+    columns = max(1, min(columns, len(labels)))
+    rows = math.ceil(len(labels) / columns)
+    titles = [f"{label}<br>ECE {d['ece']:.3f} (before T={d['temperature']:.2f}: {d['ece_before']:.3f})"
+              for label, d in diagrams.items()]
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=titles, horizontal_spacing=0.08,
+                        vertical_spacing=0.2 / max(rows - 1, 1) if rows > 1 else 0.1)
+    for i, (label, d) in enumerate(diagrams.items()):
+        row, col = i // columns + 1, i % columns + 1
+        fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#bbbbbb", dash="dot", width=1),
+                        showlegend=False, hoverinfo="skip", row=row, col=col)
+        for key, dash, name in (("before", "dash", "before temperature"), ("after", "solid", "after temperature")):
+            bins = d[key][d[key]["count"] > 0]
+            fig.add_scatter(x=bins["confidence"], y=bins["accuracy"], mode="lines+markers", name=name,
+                            legendgroup=key, showlegend=i == 0, customdata=bins["count"],
+                            line=dict(color=colours.get(label) if key == "after" else "#888888", dash=dash),
+                            hovertemplate=(f"{label} · {name}<br>confidence %{{x:.2f}}<br>accuracy %{{y:.2f}}"
+                                           "<br>%{customdata} images<extra></extra>"), row=row, col=col)
+        fig.update_xaxes(title_text="confidence", range=[0, 1], row=row, col=col)
+        fig.update_yaxes(title_text="accuracy" if col == 1 else None, range=[0, 1], row=row, col=col)
+    fig.update_layout(height=max(340, 320 * rows + 40), margin=dict(l=10, r=10, t=70, b=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, x=0))
+    fig.update_annotations(font_size=11)
     return fig

@@ -12,7 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from . import runs
+from . import evaluate, runs
+from .data import read_dataset
 
 PREDICTABLE = ("completed", "stopped")  # states whose best checkpoint Predict offers
 # Failed runs that resuming cannot help: the same config or weights fail the same way again.
@@ -61,6 +62,67 @@ def step_log(run: runs.RunInfo) -> list[dict]:
         except ValueError:  # a line being written
             continue
     return [r for r in rows if isinstance(r, dict)]
+
+
+# ----------------------------------------------------------------------------- evaluations (issue 10)
+
+EVALUATION_FILES = ("test.json", "predictions.csv", "evaluation.json")
+
+
+def evaluation_stamp(run_dir) -> tuple:
+    """(mtime, size) of each of a run's evaluation files (None where absent): a cache key for them."""
+    return tuple(_stamp(Path(run_dir) / name) for name in EVALUATION_FILES)
+
+
+def read_evaluation(run_dir) -> tuple | None:
+    """(predictions table, choices made on val) as saved; None when either file is missing (nothing is run).
+
+    Raises:
+        RunError: a file is there but malformed.
+    """
+    run_dir = Path(run_dir)
+    if not all((run_dir / name).is_file() for name in ("predictions.csv", "evaluation.json")):
+        return None
+    return evaluate.read_predictions(run_dir), runs.read_json(run_dir / "evaluation.json")
+
+
+def read_test_report(run_dir) -> dict | None:
+    """A run's test report (the ``evaluate --json`` shape): test.json, else computed from saved predictions.
+
+    An older run evaluated once has predictions.csv and evaluation.json but no test.json; its report
+    is the bootstrap over those (about a second), no model is run. None for a run never evaluated.
+
+    Raises:
+        RunError: a file is there but malformed.
+    """
+    path = Path(run_dir) / "test.json"
+    if path.is_file():
+        return runs.read_json(path)
+    saved = read_evaluation(run_dir)
+    if saved is None:
+        return None
+    table, chosen = saved
+    return evaluate.report(table, chosen, split="test", epoch=chosen.get("epoch"))
+
+
+def evaluate_once(run_dir) -> dict:
+    """Evaluate a run made before test.json existed: its checkpoint on its test split once (slow: runs the
+    model), predictions.csv and evaluation.json saved (choices marked as made on test), then its report."""
+    table, chosen = evaluate.ensure_predictions(run_dir)
+    return evaluate.report(table, chosen, split="test", epoch=chosen.get("epoch"))
+
+
+def image_files(config: dict, split: str = "test") -> dict[str, str]:
+    """Image name -> file, for one split of the data set a run was trained on (config.json's ``dataset``).
+
+    Raises:
+        DatasetError: that data set is no longer where the run found it, or no longer readable.
+    """
+    train = config.get("train") or {}
+    path = (config.get("dataset") or {}).get("path") or train.get("data")
+    ds = read_dataset(path, val_fraction=float(train.get("val_fraction") or 0.1))
+    frame = ds.splits.get(split)
+    return {} if frame is None else dict(zip(frame["image"].astype(str), frame["path"].astype(str)))
 
 
 # ----------------------------------------------------------------------------- choosing runs

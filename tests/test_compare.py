@@ -119,7 +119,8 @@ def test_seed_groups_mean_and_std():
 def test_curves_frame_and_labels():
     runs = [run("a", [row(1, 0.1, 0.8), row(2, 0.2, 0.8)]), run("b", [row(1, 0.3, 0.6)])]
     frame = compare.curves_frame(runs)
-    assert frame.shape == (3, 8) and frame["run"].tolist() == ["a", "a", "b"]
+    assert frame.shape == (3, 2 + len(compare.CURVE_KEYS)) and frame["run"].tolist() == ["a", "a", "b"]
+    assert {"val_acc", "val_loss", "val_qwk"} <= set(frame.columns) and frame["val_qwk"].isna().all()
     assert frame["test_qwk"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     cfg = TrainConfig().to_dict()
     ids = ["20260101-101500-resnet18-scratch-classify-128px", "20260102-111111-resnet18-scratch-classify-128px",
@@ -167,3 +168,185 @@ def test_filter_runs():
     assert compare.filter_runs(table, pretrained=[True])["run"].tolist() == ["b"]
     assert compare.filter_runs(table, text="LAB")["run"].tolist() == ["a"]  # tags, case-insensitive
     assert compare.filter_runs(table, states=["running"]).empty
+
+
+# ----------------------------------------------------------------------------- test results (issue 10)
+
+def predictions(split, labels, referable, *, grades=None, image_prefix="img", patients=None):
+    """A hand-made predictions.csv: P(grade >= 2) = ``referable``, split between grades 0/2 by the label's side."""
+    labels, referable = np.asarray(labels), np.asarray(referable, dtype=float)
+    probs = np.zeros((len(labels), 5))
+    probs[:, 0], probs[:, 2] = 1 - referable, referable
+    grades = np.where(referable >= 0.5, 2, 0) if grades is None else np.asarray(grades)
+    t = pd.DataFrame({"image": [f"{image_prefix}{i}" for i in range(len(labels))],
+                      "patient": patients if patients is not None else [str(i // 2) for i in range(len(labels))],
+                      "eye": ["left", "right"] * (len(labels) // 2) + ["left"] * (len(labels) % 2), "split": split,
+                      "label": labels})
+    for g in range(5):
+        t[f"p{g}"] = probs[:, g]
+    t["grade"], t["referable_score"] = grades, referable
+    return t
+
+
+# 3 referable (grade >= 2) and 4 not; at threshold 0.5: 2 of 3 found, 3 of 4 cleared
+LABELS = [2, 3, 4, 0, 0, 1, 0]
+SCORES = [0.9, 0.7, 0.4, 0.1, 0.3, 0.6, 0.2]
+
+
+def test_roc_operating_point_is_the_val_threshold_applied_to_test():
+    table = pd.concat([predictions("val", [0, 2], [0.2, 0.8]), predictions("test", LABELS, SCORES)])
+    chosen = {"selected_on": "val", "temperature": 1.0, "operating_point": {"threshold": 0.5}}
+    r = compare.roc(table, chosen)
+    assert r["sensitivity"] == pytest.approx(2 / 3) and r["specificity"] == pytest.approx(3 / 4)
+    assert r["point"] == pytest.approx((0.25, 2 / 3)) and r["chosen_on"] == "val"
+    # a threshold between two scores is a vertex of the empirical curve: the marker sits on it
+    assert any(np.isclose(x, 0.25) and np.isclose(y, 2 / 3) for x, y in zip(r["fpr"], r["tpr"]))
+    assert r["auc"] == pytest.approx(11 / 12)  # 11 of the 12 (referable, not) pairs ordered right
+    high = compare.roc(table, {**chosen, "operating_point": {"threshold": 0.8}})
+    assert high["point"] == pytest.approx((0.0, 1 / 3))
+    none = compare.roc(table, {**chosen, "operating_point": {"threshold": None}})
+    assert none["threshold"] == 0.5 and none["chosen_on"] is None  # as the test report: 0.5, said so
+    with pytest.raises(ValueError, match="no test predictions"):
+        compare.roc(table[table["split"] == "val"], chosen)
+    healthy = predictions("test", [0, 0, 1], [0.1, 0.2, 0.3])
+    assert "no referable image" in compare.roc(healthy, chosen)["error"]
+
+
+def test_roc_point_agrees_with_the_test_report_after_temperature():
+    """The page's point and the report's sensitivity/specificity read the same (calibrated) score."""
+    from retino import evaluate
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 60)
+    logits = rng.normal(size=(60, 5)) + 2.0 * np.eye(5)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    table = predictions("test", labels, probs[:, 2:].sum(1), patients=[str(i) for i in range(60)])
+    for g in range(5):
+        table[f"p{g}"] = probs[:, g]
+    table["grade"] = probs.argmax(1)
+    chosen = {"selected_on": "val", "temperature": 2.5, "operating_point": {"threshold": 0.4}}
+    r = compare.roc(table, chosen)
+    rep = evaluate.report(table, chosen, n_boot=50)
+    assert r["sensitivity"] == pytest.approx(rep["metrics"]["sensitivity"]["value"])
+    assert r["specificity"] == pytest.approx(rep["metrics"]["specificity"]["value"])
+    assert r["auc"] == pytest.approx(rep["metrics"]["referable_auc"]["value"])
+    rel = compare.reliability(table, chosen)
+    assert rel["ece"] == pytest.approx(rep["calibration"]["ece"], abs=1e-9)
+    assert rel["ece_before"] == pytest.approx(rep["calibration"]["ece_before_temperature"], abs=1e-9)
+    assert rel["ece"] != pytest.approx(rel["ece_before"])  # the temperature moved the probabilities
+    assert rel["after"]["count"].sum() == 60 and len(rel["after"]) == 15
+    regress = table.drop(columns=[f"p{g}" for g in range(5)]).assign(score=1.0)
+    assert compare.reliability(regress, chosen) is None
+
+
+def report(qwk, acc, *, ece=0.05, n=400, where="val", threshold=0.3):
+    entry = lambda v: {"value": v, "lo": v - 0.01, "hi": v + 0.011}  # noqa: E731
+    return {"n_images": n, "selected_on": where, "epoch": 3,
+            "metrics": {"qwk": entry(qwk), "accuracy": entry(acc), "macro_f1": entry(0.5),
+                        "referable_auc": None, "sensitivity": entry(0.9), "specificity": entry(0.8)},
+            "operating_point": {"threshold": threshold}, "calibration": {"ece": ece}}
+
+
+def test_test_results_table_intervals_and_best_marks():
+    runs = [{**run("a", []), "dataset": "synthetic · debe0a88", "report": report(0.842, 0.70, ece=0.08)},
+            {**run("b", []), "dataset": "synthetic · debe0a88", "report": report(0.80, 0.75, ece=0.03)},
+            {**run("old", [row(1, 0.5, 0.6)]), "dataset": "eyepacs", "report": report(0.70, 0.75, where="test",
+                                                                                       threshold=None)},
+            {**run("fresh", [row(1, 0.5, 0.6, val_qwk=0.4)]), "dataset": "eyepacs", "report": None}]
+    table = compare.test_results_table(runs).set_index("run")
+    assert table.loc["a", "QWK"] == "0.842 [0.832-0.853]" + compare.BEST_MARK  # the max point value
+    assert table.loc["b", "QWK"] == "0.800 [0.790-0.811]"
+    # accuracy ties between b and old: both marked; a is not
+    assert table["accuracy"].str.endswith(compare.BEST_MARK).tolist() == [False, True, True, False]
+    assert table.loc["b", "ECE"] == "0.030" + compare.BEST_MARK  # lowest is best
+    assert not table["macro-F1"].str.contains("★").any()  # everyone ties: a marker would say nothing
+    assert table.loc["a", "ref. AUC"] == "n/a"
+    assert table.loc["a", "test images"] == "400" and table.loc["a", "data set"] == "synthetic · debe0a88"
+    assert table.loc["a", "selected on"] == "val" and table.loc["old", "selected on"] == "chosen on test (older run)"
+    assert table.loc["old", "threshold"] == "0.5 (none chosen)" and table.loc["a", "threshold"] == "0.300"
+    assert table.loc["fresh", "QWK"] == "not evaluated" and table.loc["fresh", "selected on"] == "val"
+    assert table.loc["fresh", "test images"] == "–"
+
+
+def test_best_rows_max_min_ties_and_lone_values():
+    values = pd.DataFrame({"QWK": [0.3, 0.9, float("nan"), 0.9], "ECE": [0.2, 0.1, 0.05, 0.3],
+                           "lone": [float("nan"), 0.5, float("nan"), float("nan")]})
+    best = compare.best_rows(values)
+    assert best == {"QWK": [1, 3], "ECE": [2], "lone": []}
+
+
+def test_test_set_mismatch_names_counts_and_relabelled_images():
+    a = predictions("test", LABELS, SCORES)
+    assert compare.test_set_mismatch({"a": a, "b": a.copy()}) is None
+    assert compare.test_set_mismatch({"a": a}) is None
+    fewer = a.iloc[:5]
+    text = compare.test_set_mismatch({"a": a, "b": fewer})
+    assert text.startswith("Not evaluated on the same test images") and "a: 7 images" in text
+    assert "b: 5 images, 5 in common with a" in text and "--data DIR" in text
+    relabelled = a.assign(label=[2, 3, 4, 0, 0, 1, 2])
+    assert "7 in common with a (1 with other labels)" in compare.test_set_mismatch({"a": a, "b": relabelled})
+    other_val = pd.concat([a, predictions("val", [0], [0.1])])
+    assert compare.test_set_mismatch({"a": a, "b": other_val}) is None  # only test counts
+
+
+def test_provenance_differences_and_config_diff_rows():
+    code = {"commit": "77adeb0e59c1", "dirty": False}
+    a = {**run("a", []), "code": code, "data_fingerprint": "debe0a885996c2d1"}
+    same = {**run("b", []), "code": dict(code), "data_fingerprint": "debe0a885996c2d1"}
+    assert compare.provenance_differences([a, same]) == []
+    assert compare.config_diff([a, same]).empty
+    dirty = {**same, "code": {**code, "dirty": True}, "data_fingerprint": "0123456789abcdef"}
+    older = {**run("old", []), "code": None, "data_fingerprint": None}
+    warnings = compare.provenance_differences([a, dirty, older])
+    assert warnings[0] == ("The selected runs differ in code (git commit): a: 77adeb0; b: 77adeb0 + uncommitted "
+                           "changes; old: not recorded.")
+    assert "data (labels' fingerprint)" in warnings[1] and "b: 0123456789abcdef" in warnings[1]
+    diff = compare.config_diff([a, dirty, older])
+    assert diff.loc["code commit"].tolist() == ["77adeb0", "77adeb0 + uncommitted changes", "not recorded"]
+    assert diff.loc["data fingerprint", "old"] == "not recorded"
+    assert compare.dataset_label({"dataset": {"path": "/data/eyepacs/"}, "data_fingerprint": "debe0a885996c2d1"}) \
+        == "eyepacs · debe0a88"
+    assert compare.dataset_label({"train": {"data": "data\\synthetic"}}) == "synthetic"
+
+
+def test_versus_table_and_sentence():
+    result = {"a": "A", "b": "B", "n_images": 400, "n_patients": 200,
+              "diff": {"qwk": {"value": 0.012, "lo": -0.01, "hi": 0.034, "p_b_better": 0.84},
+                       "accuracy": {"value": 0.03, "lo": 0.01, "hi": 0.05, "p_b_better": 0.999}},
+              "verdict": {"qwk": "no detectable difference: the interval includes 0",
+                          "accuracy": "B is better: the interval excludes 0"}}
+    table = compare.versus_table(result)
+    assert table["metric"].tolist() == ["QWK", "accuracy"]
+    assert table.iloc[0, 1] == "0.012 [-0.010 to 0.034]" and table["p(B better)"].tolist() == ["84%", "100%"]
+    assert compare.versus_sentence(result) == (
+        "QWK, B − A = 0.012 [-0.010 to 0.034] on 400 test images of 200 patients; B scores higher in 84% of the "
+        "paired patient resamples. No detectable difference: the interval includes 0.")
+    assert compare.versus_sentence(result, "accuracy").endswith("B is better: the interval excludes 0.")
+
+
+def test_worst_predictions_by_distance_then_probability_of_the_truth():
+    t = predictions("test", [4, 4, 2, 0, 3, 1], [0.1, 0.2, 0.3, 0.1, 0.9, 0.2], grades=[0, 0, 0, 0, 3, 1])
+    t.loc[1, "p4"], t.loc[1, "p0"] = 0.3, 0.5  # image 1: same distance as image 0, more faith in the truth
+    worst = compare.worst_predictions(t)
+    assert worst["image"].tolist() == ["img0", "img1", "img2"]  # right answers left out
+    assert worst["distance"].tolist() == [4, 4, 2] and worst["p_true"][1] == pytest.approx(0.3)
+    assert len(compare.worst_predictions(t, n=1)) == 1
+    regress = t.drop(columns=[f"p{g}" for g in range(5)]).assign(score=[0.2, 0.4, 1.2, 0.0, 3.0, 1.0])
+    assert compare.worst_predictions(regress)["image"].tolist() == ["img0", "img1", "img2"]  # 0.2 is farther from 4
+
+
+def test_roc_and_reliability_figures():
+    table = predictions("test", LABELS, SCORES)
+    chosen = {"selected_on": "val", "temperature": 1.0, "operating_point": {"threshold": 0.5}}
+    rocs = {"a": compare.roc(table, chosen), "b": {"error": "no referable image"}}
+    fig = charts.roc_curves(rocs)
+    marker = [t for t in fig.data if t.mode == "markers"]
+    assert len(marker) == 1 and marker[0].x[0] == pytest.approx(0.25) and marker[0].y[0] == pytest.approx(2 / 3)
+    assert "AUC 0.917" in fig.data[1].name
+    rel = compare.reliability(table, chosen)
+    fig = charts.reliability_diagrams({"a": rel, "b": rel})
+    assert [a.text.split("<br>")[1] for a in fig.layout.annotations][0] == \
+        f"ECE {rel['ece']:.3f} (before T=1.00: {rel['ece_before']:.3f})"
+    assert [t.line.dash for t in fig.data if t.name][:2] == ["dash", "solid"]
+    frame = compare.curves_frame([run("a", [row(1, 0.1, 0.8, val_acc=0.7), row(2, 0.2, 0.8, val_acc=0.75)])])
+    fig = charts.curves(frame, ["train_acc", "val_acc", "test_acc"], title="accuracy", yaxis="accuracy")
+    assert [t.line.dash for t in fig.data] == ["dash", "dot", "solid"]
