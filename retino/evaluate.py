@@ -50,7 +50,6 @@ def ensure_predictions(run_dir) -> tuple[pd.DataFrame, dict]:
         table = None
     if table is not None and chosen is not None:
         return table, chosen
-    from .inference import load_trained
     trained = load_trained(run_dir)
     cfg = trained.config
     table = _predict_split(run_dir, cfg.data, "test", trained=trained)
@@ -71,7 +70,6 @@ def _predict_split(run_dir, data: str, split: str, trained=None) -> pd.DataFrame
     """Run a run's best checkpoint over one split of a data set (as trained: size, Ben Graham, norm)."""
     from dataclasses import replace
     from .data import read_dataset
-    from .inference import load_trained
     from .train import Context, load_split, make_loader, pick_device, validate
     trained = trained or load_trained(run_dir)
     cfg = replace(trained.config, data=str(data), workers="auto")

@@ -10,7 +10,6 @@ The verbs that read these (and run a model for older runs) are in :mod:`retino.e
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
