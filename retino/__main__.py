@@ -81,100 +81,8 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-class RunRefused(UserError):
-    """A run folder the command will not touch (busy, not ours, contradicting flags): left as it was."""
-
-
-# fields a resume may change: how and where it runs, not what is trained
-RESUME_MAY_CHANGE = ("epochs", "device", "workers", "eval_batch_size", "log_every", "keep_last", "compile", "name",
-                     "amp")
-
-
-def _user_path(text: str, what: str) -> Path:
-    """``~`` expanded without raising (``~nosuchuser/x`` stays as typed); NUL refused."""
-    if "\x00" in str(text):
-        raise UserError(f"{what}: a path cannot contain a NUL byte")
-    return Path(os.path.expanduser(str(text)))
-
-
-def _given(args) -> dict:
-    from dataclasses import fields
-    from .config import TrainConfig
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-
-
-def _resume_config(run_dir: Path, args):
-    """The saved config with the flags a resume may change; refuses contradictions before touching anything."""
-    from dataclasses import replace
-    from . import runs
-    from .config import TrainConfig
-    if not run_dir.is_dir():
-        raise RunRefused(f"cannot resume {run_dir}: no such run folder")
-    try:
-        saved = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["train"])
-    except (runs.RunError, KeyError, TypeError) as e:
-        raise RunRefused(f"cannot resume {run_dir}: {e}")
-    given = _given(args)
-    clash = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != getattr(saved, k)}
-    if clash:
-        k, v = next(iter(clash.items()))
-        raise RunRefused(f"cannot resume {run_dir}: --{k.replace('_', '-')} {v} contradicts the run's "
-                         f"{getattr(saved, k)!r}; a resume continues the same model (start a new run instead)")
-    last = run_dir / "last.pt"
-    if last.is_file():
-        ckpt_cfg = runs.load_checkpoint(last).get("config") or {}
-        drift = [k for k, v in ckpt_cfg.items() if k not in RESUME_MAY_CHANGE and getattr(saved, k, v) != v]
-        if drift:
-            k = drift[0]
-            raise RunRefused(f"cannot resume {run_dir}: config.json says {k}={getattr(saved, k)!r} but last.pt was "
-                             f"trained with {k}={ckpt_cfg[k]!r}; restore config.json")
-    cfg = replace(saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}).validate()
-    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE and v != getattr(saved, k)}
-    return saved, cfg, changed
-
-
-def _fresh_run_dir(args, cfg) -> Path:
-    """--run-dir as given (refused when it holds anything but this run's launch) or a new dated folder."""
-    from . import runs
-    if not args.run_dir:
-        if int(os.environ.get("RANK", "0")) != 0:
-            raise UserError("under torchrun, pass --run-dir so every process writes to the same run")
-        return runs.create_run_dir(None, cfg.display_name())
-    run_dir = _user_path(args.run_dir, "--run-dir")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir}: is a file, expected a folder for the run")
-    if int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() and not _launched_here(run_dir):
-        try:
-            entries = sorted(p.name for p in run_dir.iterdir())
-        except OSError as e:
-            raise UserError(f"--run-dir {run_dir}: cannot be read ({e.strerror})")
-        if entries:
-            hint = (f"; to continue that run: python -m retino train --resume {run_dir}"
-                    if "config.json" in entries else "")
-            raise RunRefused(f"--run-dir {run_dir}: is not empty (holds {', '.join(entries[:3])}"
-                             f"{', ...' if len(entries) > 3 else ''}); give a new folder{hint}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--run-dir {run_dir}: cannot write there ({e.strerror or e})")
-    return run_dir
-
-
-def _launched_here(run_dir: Path) -> bool:
-    """The dashboard's launch: a provisional config.json and status, nothing trained yet."""
-    from . import runs
-    try:
-        config = runs.read_json(run_dir / "config.json")
-    except runs.RunError:
-        return False
-    trained = any((run_dir / n).exists() for n in ("metrics.jsonl", "last.pt", "best.pt"))
-    return bool(config.get("provisional")) and not trained
-
-
 def cmd_train(args) -> int:
+    from . import admission
     import torch
     from . import runs
     from .config import config_from_args
@@ -182,8 +90,8 @@ def cmd_train(args) -> int:
     from .models import WeightsUnavailable
     from .train import TrainingError, fit
     if args.resume:
-        run_dir = _user_path(args.resume, "--resume")
-        saved, cfg, changed = _resume_config(run_dir, args)
+        run_dir = admission.user_path(args.resume, "--resume")
+        saved, cfg, changed = admission.resume_config(run_dir, args)
         rows = runs.read_metrics(run_dir)
         if (run_dir / "test.json").is_file() and len(rows) >= saved.epochs and cfg.epochs <= saved.epochs:
             runs.write_status(run_dir, state="completed", error=None)
@@ -191,7 +99,7 @@ def cmd_train(args) -> int:
             return 0
         if not (run_dir / "last.pt").is_file() and (run_dir / "test.json").is_file() and len(rows) >= saved.epochs:
             if cfg.epochs > saved.epochs:
-                raise RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
+                raise admission.RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
                                  f"completed (train with --keep-last true to extend runs later)")
             runs.write_status(run_dir, state="completed", error=None)
             print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
@@ -200,7 +108,7 @@ def cmd_train(args) -> int:
         if getattr(args, "preset", None):
             return _train_preset(args)
         cfg, changed = config_from_args(args), {}
-        run_dir = _fresh_run_dir(args, cfg)
+        run_dir = admission.fresh_run_dir(args, cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
     read_dataset(cfg.data)  # a bad data set is one line before any process, folder write or cache
@@ -396,10 +304,11 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     """Write the model file and its deployment JSON; print both paths."""
+    from . import admission
     from .export import export_run
-    out = _user_path(args.out, "--out") if args.out else None
+    out = admission.user_path(args.out, "--out") if args.out else None
     try:
-        model_path, json_path = export_run(_user_path(args.run_dir, "RUN_DIR"), args.format, out)
+        model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out)
     except ImportError as e:  # onnx is an optional extra
         raise UserError(f"--format {args.format} needs the {e.name or 'onnx'} package: pip install onnx onnxruntime")
     except OSError as e:
@@ -425,10 +334,11 @@ def cmd_cam_score(args) -> int:
 
 def cmd_screen(args) -> int:
     """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
+    from . import admission
     from .screen import ScreenError, screen
     try:
-        result = screen(_user_path(args.run_dir, "RUN_DIR"), _user_path(args.folder, "FOLDER"),
-                        _user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
+        result = screen(admission.user_path(args.run_dir, "RUN_DIR"), admission.user_path(args.folder, "FOLDER"),
+                        admission.user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
                         workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
                         progress=not args.quiet)
     except ScreenError as e:
@@ -593,6 +503,7 @@ def _mark_failed(args, error: Exception) -> None:
     A fresh launch becomes ``failed``; a refused Resume goes back to the state it had, with a note.
     A busy folder (another trainer holds it) is never touched: its status is that trainer's.
     """
+    from . import admission
     from . import lifecycle, runs
     folder = getattr(args, "run_dir", None) or getattr(args, "resume", None) if args.verb == "train" else None
     if not folder or isinstance(error, lifecycle.RunBusy):
@@ -606,7 +517,7 @@ def _mark_failed(args, error: Exception) -> None:
         return
     if getattr(args, "resume", None):
         runs.write_status(folder, state=status.get("resume_from") or "stopped", note=f"resume refused: {error}")
-    elif not isinstance(error, RunRefused):
+    elif not isinstance(error, admission.RunRefused):
         runs.write_status(folder, state="failed", error=str(error), error_type=type(error).__name__)
 
 
