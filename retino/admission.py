@@ -24,10 +24,14 @@ RESUME_MAY_CHANGE = ("epochs", "device", "workers", "eval_batch_size", "log_ever
 
 
 def user_path(text: str, what: str) -> Path:
-    """``~`` expanded without raising (``~nosuchuser/x`` stays as typed); NUL refused."""
-    if "\x00" in str(text):
+    """``~`` expanded; ``~nosuchuser/x`` and NUL bytes refused in one line (Path.expanduser raises)."""
+    text = str(text)
+    if "\x00" in text:
         raise runs.RunError(f"{what}: a path cannot contain a NUL byte")
-    return Path(os.path.expanduser(str(text)))
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise runs.RunError(f"{what} {text}: no such user {text.split('/')[0][1:]!r} to expand ~ for")
+    return Path(expanded)
 
 
 def given_fields(args) -> dict:

@@ -383,3 +383,37 @@ def test_predict_starts_on_the_best_completed_run(data_in_use, runs_dir, trained
     picker = app("pages/predict.py").selectbox(key="predict.run")
     assert picker.value.id == "old-best"
     assert all(o.endswith(i) for o, i in zip(picker.options, ("newest-stopped", "newer-worse", "old-best")))
+
+
+# ----------------------------------------------------------------------------- issue 15: no bad folder breaks a page
+
+@pytest.mark.parametrize("page", PAGES)
+def test_one_bad_run_folder_breaks_no_page(page, data_in_use, runs_dir, trained_run):
+    """``echo '[]' > meta.json`` (or status.json) in one run folder used to raise on all pages."""
+    add_run(trained_run, runs_dir, "good", created=time.time() - 20)
+    bad = add_run(trained_run, runs_dir, "bad", created=time.time() - 10)
+    for name, text in (("meta.json", "[]"), ("status.json", "null")):
+        (bad / name).unlink(missing_ok=True)  # add_run hard-links: never write through to the good run
+        (bad / name).write_text(text)
+    at = app(page)  # asserts no exception
+    listed = {r.id: r for r in runs.list_runs(runs_dir)}
+    assert listed["bad"].problems and not listed["good"].problems
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_data_set_that_breaks_while_in_use_keeps_the_sidebar(page, runs_dir, tiny_data, tmp_path):
+    """A self-referencing symlink and a file name that is not UTF-8 in the data set in use."""
+    data = tmp_path / "data"  # one folder per grade, as in the issue (``ln -s self.jpeg 0/self.jpeg``)
+    for split in ("train", "test"):
+        for line in (tiny_data / f"{split}.csv").read_text().splitlines()[1:]:
+            image, grade = line.split(",")[:2]
+            (data / grade).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tiny_data / "images" / f"{image}.jpeg", data / grade / f"{image}.jpeg")
+    (data / "0" / "self.jpeg").symlink_to("self.jpeg")
+    with open(os.path.join(os.fsencode(data / "0"), b"bad\xff.jpeg"), "wb") as f:
+        f.write(b"not an image")
+    settings.use_dataset(str(data))
+    at = app(page)  # asserts no exception
+    assert "Switch data set" in [e.label for e in at.sidebar.expander]
+    if page == "pages/data.py":
+        assert any("self.jpeg" in df.value.to_csv() for df in at.dataframe)  # listed as a problem

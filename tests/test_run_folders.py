@@ -257,3 +257,12 @@ def test_one_bad_run_folder_is_listed_with_its_problem_and_can_be_deleted(tmp_pa
     assert runs.check_run(root / "bad")
     runs.delete_run(root / "bad", root)
     assert [r.id for r in runs.list_runs(root)] == ["good"]
+
+
+@pytest.mark.parametrize("flag", ["--run-dir", "--data"])
+def test_a_path_of_an_unknown_user_is_one_line(tiny_data, flag):
+    args = ["--data", tiny_data, "--run-dir", "~nosuchuser-retino/x"] if flag == "--run-dir" else \
+        ["--data", "~nosuchuser-retino/x"]
+    r = run_cli("train", *args, *TINY_TRAIN)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (REPO / "~nosuchuser-retino").exists()

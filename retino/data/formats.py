@@ -384,9 +384,12 @@ def read_dataset(path, val_fraction: float = VAL_FRACTION) -> Dataset:
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise DatasetError(f"val_fraction {val_fraction!r} is not a share; expected a number between 0 and 1 "
                            f"(e.g. {VAL_FRACTION}: a tenth of train's patients)")
-    root = Path(path).expanduser()
     if "\x00" in str(path):
         raise DatasetError(f"{path!r}: a path cannot contain a NUL byte")
+    try:
+        root = Path(path).expanduser()
+    except RuntimeError:  # ~nosuchuser/...: pathlib cannot find that home folder
+        raise DatasetError(f"{path}: no such user to expand ~ for; expected a data-set folder") from None
     if not root.exists():
         raise DatasetError(f"{root}: no such folder; expected a data-set folder")
     if not root.is_dir():
