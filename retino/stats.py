@@ -367,11 +367,16 @@ def patient_intervals(patients, y_true, ref_score, *, threshold: Optional[float]
 
 def format_interval(entry: Optional[Mapping], digits: int = 3) -> str:
     """``0.842 [0.831-0.853]`` for a table cell; ``-0.012 [-0.030 to 0.004]`` when lo is negative,
-    where a hyphen would read as a minus; ``n/a`` for a missing or undefined value."""
+    where a hyphen would read as a minus; ``n/a`` for a missing or undefined value. A value that
+    rounds to zero is written ``0.000``, never ``-0.000``."""
     if not entry or entry.get("value") is None:
         return "n/a"
-    value = f"{entry['value']:.{digits}f}"
+
+    def text(v: float) -> str:
+        out = f"{v:.{digits}f}"
+        return out[1:] if out.startswith("-") and float(out) == 0 else out
+    value = text(entry["value"])
     if entry.get("lo") is None or entry.get("hi") is None:
         return value
-    lo, hi = f"{entry['lo']:.{digits}f}", f"{entry['hi']:.{digits}f}"
-    return f"{value} [{lo} to {hi}]" if entry["lo"] < 0 else f"{value} [{lo}-{hi}]"
+    lo, hi = text(entry["lo"]), text(entry["hi"])
+    return f"{value} [{lo} to {hi}]" if lo.startswith("-") else f"{value} [{lo}-{hi}]"

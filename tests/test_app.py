@@ -112,7 +112,7 @@ def test_page_renders_with_completed_and_failed_runs(page, data_in_use, runs_dir
         links = [link.proto.label for link in at.get("page_link")]
         assert "Compare runs (2 completed)" in links  # the failed run is not counted
     if page == "pages/compare.py":
-        assert len(at.get("plotly_chart")) == 5  # 4 curve charts + the confusion matrices
+        assert len(at.get("plotly_chart")) == 7  # ROC, reliability, 4 curve charts, the confusion matrices
         best = at.dataframe[1].value
         # newest first, all selected; same settings, so the folder name tells them apart
         assert list(best["run"]) == [f"resnet18-scratch-classify-64px [{i}]" for i in ("c-failed", "b-done", "a-done")]

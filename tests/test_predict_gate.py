@@ -50,6 +50,9 @@ def copy_run(base: Path, dst: Path, evaluation: dict | None = None) -> Path:
             shutil.copy2(src, to)
     shutil.copytree(base, dst, copy_function=link)
     (dst / "evaluation.json").unlink(missing_ok=True)
+    # training now fits the model's view (ood.npz) at the end of every run; a test that wants it
+    # writes its own, so the photo gate is judged alone here (a 1-epoch run's cut-off rests on 4 photos)
+    (dst / "ood.npz").unlink(missing_ok=True)
     if evaluation is not None:
         epoch = json.loads((base / "evaluation.json").read_text())["epoch"]
         (dst / "evaluation.json").write_text(json.dumps({"selected_on": "val", "epoch": epoch, "head": "classify",

@@ -257,3 +257,9 @@ def test_bad_input_names_what_was_expected(kwargs, message):
     positional = [args.pop(k) for k in ("y_true", "y_pred", "ref_score")]
     with pytest.raises(ValueError, match=message):
         stats.intervals(*positional, **args)
+
+
+def test_interval_text_never_writes_minus_zero():
+    from retino.stats import format_interval
+    assert format_interval({"value": 0.0, "lo": -0.0001, "hi": 0.001}) == "0.000 [0.000-0.001]"
+    assert format_interval({"value": -0.012, "lo": -0.03, "hi": 0.004}) == "-0.012 [-0.030 to 0.004]"
