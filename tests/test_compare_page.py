@@ -128,8 +128,8 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
 
     # the most-wrong photos, with their Grad-CAM only once asked for
     assert not at.get("image")
-    table_a, _ = evaluate.ensure_predictions(b)
-    expected = len(compare.worst_predictions(table_a))
+    table_b = evaluate.read_predictions(b)
+    expected = len(compare.worst_predictions(table_b))
     at.selectbox(key="compare.gallery_run").set_value("seed1").run()
     at.toggle(key="compare.gallery").set_value(True).run()
     assert not at.exception, at.exception
