@@ -55,8 +55,7 @@ __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_phot
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
-GATE_MIN_SIDE = 256  # px: quality.assess wants the photo at least this large on its short side (its docstring) ...
-GATE_TARGET = 512    # ... so a photo decoded smaller for a small run is decoded again at this size for the gate
+from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
 
 @dataclass
