@@ -5,8 +5,10 @@ it trains the same synthetic set ``bench/train_throughput.py`` made (its cache w
 6-25 of the first epoch (after cuDNN's autotuning and the loader's start), and prints one JSON line with
 
   top_ops     the ten ops with the most self time on the device (CPU time where there is no GPU)
-  idle_share  the share of the profiled window in which the device ran no kernel or copy: time the
-              host kept the GPU waiting (loader, Python, syncs)
+  top_kernels the ten kernels with the most device time
+  idle_share  the share of the profiled window in which the device ran no kernel, copy or memset:
+              time the host kept the GPU waiting (loader, launches, syncs)
+  host_sync_ms the host's time blocked in stream or device synchronisation
   step_ms     wall time per profiled step
 
 and writes the Chrome trace (gzipped) beside it for chrome://tracing or Perfetto. The run is stopped
@@ -49,28 +51,40 @@ def _self_time(avg, cuda: bool) -> float:
     return float(avg.self_cpu_time_total)
 
 
-def busy_share(events, cuda: bool) -> tuple[float, float]:
-    """(device busy microseconds, window microseconds): the union of the device's kernel and copy intervals
-    against the span of every recorded event."""
-    spans = [(e.time_range.start, e.time_range.end) for e in events]
-    if not spans:
-        return 0.0, 0.0
-    window = max(end for _, end in spans) - min(start for start, _ in spans)
-    if not cuda:
-        return window, window
-    device = sorted((e.time_range.start, e.time_range.end) for e in events
-                    if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, cur_start, cur_end = 0.0, None, None
-    for start, end in device:  # the union of overlapping intervals
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                busy += cur_end - cur_start
-            cur_start, cur_end = start, end
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # trace categories of time the GPU spends working
+
+
+def timeline(trace: dict) -> dict:
+    """From a Chrome trace: the profiled window, the device's busy time (the union of its kernels, copies
+    and memsets), the ten kernels with most device time, and the host's time waiting in stream syncs."""
+    events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#")]
+    spans = steps or events
+    w0, w1 = min(e["ts"] for e in spans), max(e["ts"] + e["dur"] for e in spans)
+    work = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_WORK)
+    busy, cur = 0.0, None
+    for a, b in work:  # the union of overlapping intervals, clipped to the window
+        a, b = max(a, w0), min(b, w1)
+        if b <= a:
+            continue
+        if cur is None or a > cur[1]:
+            busy += 0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
         else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        busy += cur_end - cur_start
-    return busy, window
+            cur[1] = max(cur[1], b)
+    busy += 0 if cur is None else cur[1] - cur[0]
+    kernels: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") in DEVICE_WORK:
+            kernels[e["name"]] = kernels.get(e["name"], 0.0) + e["dur"]
+    syncs = sum(e["dur"] for e in events if e.get("cat") == "cuda_runtime"
+                and e.get("name") in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    window = w1 - w0
+    return {"window_ms": round(window / 1e3, 1), "device_busy_ms": round(busy / 1e3, 1),
+            "idle_share": round(1 - busy / window, 3) if window and work else None,
+            "host_sync_ms": round(syncs / 1e3, 1),
+            "top_kernels": [{"kernel": k[:120], "ms": round(v / 1e3, 2)}
+                            for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:10]]}
 
 
 def profile_fit(args) -> dict:
@@ -88,16 +102,14 @@ def profile_fit(args) -> dict:
     steps = {"t": []}
 
     def ready(prof) -> None:
-        cpu_side = prof.key_averages()
-        top = sorted(cpu_side, key=lambda a: _self_time(a, cuda), reverse=True)[:10]
-        busy, window = busy_share(prof.events(), cuda)
-        result.update(
-            top_ops=[{"op": a.key, "self_ms": round(_self_time(a, cuda) / 1e3, 2), "calls": a.count,
-                      "share_of_window": round(_self_time(a, cuda) / window, 3) if window else None} for a in top],
-            window_ms=round(window / 1e3, 1), device_busy_ms=round(busy / 1e3, 1),
-            idle_share=round(1 - busy / window, 3) if window and cuda else None)
+        ops = [a for a in prof.key_averages() if not a.key.startswith("ProfilerStep")]
+        top = sorted(ops, key=lambda a: _self_time(a, cuda), reverse=True)[:10]
         raw = trace_dir / f"trace-{args.arch}-{args.size}.json"
         prof.export_chrome_trace(str(raw))
+        with open(raw) as f:
+            result.update(timeline(json.load(f)))
+        result["top_ops"] = [{"op": a.key[:120], "self_ms": round(_self_time(a, cuda) / 1e3, 2), "calls": a.count}
+                             for a in top]
         packed = raw.with_suffix(".json.gz")
         with open(raw, "rb") as src, gzip.open(packed, "wb") as dst:
             shutil.copyfileobj(src, dst)
