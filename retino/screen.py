@@ -12,6 +12,12 @@ preprocesses them in worker processes exactly as the run was trained (:func:`ret
   every photo row: a patient is referable when either eye is.
 - ``<name>.json``: what made the report (run, checkpoint, folder, settings, threshold) and a summary.
 
+By default the report goes under the runs folder (:func:`default_report`), never into the folder
+screened; it is never written into a run folder or over a file a screen did not write, and one
+screen at a time holds it (:func:`retino.screen_report.check_out`, ``report_lock``). System folders
+are refused, links out of the folder are not followed, and a folder of more than ``max_files``
+photos is refused unless the caller asks for it.
+
 Re-run with the same report, a screen skips the photos already in it (an interrupted screen resumes);
 a report made with another run or other settings is refused rather than mixed.
 
@@ -44,16 +50,23 @@ from .data.loaders import to_float
 from .evaluate import read_chosen
 from .grades import REFERABLE_GRADE
 from .predict import tta_views
-from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Appender, ScreenError,
-                            default_report, error_row, open_report, patient_table, read_report,
-                            report_paths, table_csv, write_table)
+from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
+                            Appender, ScreenError, check_out, default_report, error_row, open_report,
+                            path_problem, patient_table, read_report, report_lock, report_paths, short,
+                            system_folder, table_csv, write_table)
 from .stats import parse_patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
-           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
+           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES", "REFER",
+           "REFER_UNGRADED", "NO_REFERRAL"]
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions
+
+
+class TooManyPhotos(ScreenError):
+    """The folder holds more photos than the caller allowed: ask the user, then screen with a higher limit."""
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
 from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
@@ -78,12 +91,15 @@ class ScreenResult:
         """Counts and paths, JSON-safe: what the CLI prints and the page shows."""
         p = self.photos
         graded = p["grade"].notna()
+        status = self.patients["status"].value_counts()
         return {"report": str(self.report), "patients_report": str(self.patients_report), "meta": str(self.meta),
                 "photos": int(len(p)), "graded": int(graded.sum()), "errors": int((~graded).sum()),
                 "ungradable": int((p["quality"] == "ungradable").sum()),
                 "not_fundus": int((p["quality"] == "not_fundus").sum()),
                 "patients": int(len(self.patients)),
-                "referable_patients": int(self.patients["referable"].fillna(False).astype(bool).sum()),
+                "referable_patients": int(status.get(REFER, 0)),
+                "ungraded_patients": int(status.get(REFER_UNGRADED, 0)),  # refer: an eye Retino did not grade
+                "patients_to_refer": int(status.get(REFER, 0) + status.get(REFER_UNGRADED, 0)),
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
                 "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete}
 
@@ -102,22 +118,40 @@ def _display(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def find_photos(folder) -> tuple[list[tuple[str, str]], list[dict]]:
+def find_photos(folder, limit: int | None = None) -> tuple[list[tuple[str, str]], list[dict]]:
     """Every JPEG/PNG under ``folder``, recursively, and error rows for what cannot be screened.
 
     Names starting with "." (hidden files and folders) are skipped. Folders are followed through
     symlinks once: a folder reached a second time (a symlink loop, or two links) is an error row, as
     is a file whose name is not UTF-8 or holds control characters, and a folder that cannot be read.
+    A link (file or folder) leading out of ``folder`` is an error row, not followed. A system folder
+    (``/``, ``/dev``, ``/etc`` ... or a link to one) is refused, and so is a folder of more than
+    ``limit`` photos (:class:`TooManyPhotos`), before the rest is walked.
 
     Returns:
         ``([(image, path)], [row])``: ``image`` is the path relative to ``folder`` with "/" (the
         report's key), ``path`` the one to open; sorted by ``image``.
     """
     root = Path(folder)
-    if not root.is_dir():
-        raise ScreenError(f"{folder}: {'does not exist' if not root.exists() else 'is not a folder'}; "
+    why = path_problem(root)
+    if why:
+        raise ScreenError(f"{short(folder)}: cannot be a folder: {why}")
+    try:
+        is_dir = root.is_dir()
+    except OSError as e:
+        raise ScreenError(f"{short(folder)}: cannot be read ({e.strerror or e}); expected a folder of photographs")
+    if not is_dir:
+        raise ScreenError(f"{short(folder)}: {'does not exist' if not os.path.exists(root) else 'is not a folder'}; "
                           f"expected a folder of JPEG or PNG photographs")
+    system = system_folder(root)
+    if system:
+        raise ScreenError(f"{short(folder)}: {system} is a system folder, not a folder of photographs; refused")
+    real_root = os.path.realpath(root)
     photos, problems, visited = [], [], {}
+
+    def outside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real != real_root and not real.startswith(real_root.rstrip("/") + "/")
 
     def rel(path: str) -> str:
         return os.path.relpath(path, root).replace(os.sep, "/")
@@ -139,15 +173,27 @@ def find_photos(folder) -> tuple[list[tuple[str, str]], list[dict]]:
             dirnames[:] = []
             continue
         visited[st.st_dev, st.st_ino] = here
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            if outside(os.path.join(dirpath, d)):  # a link out: the walk stays inside the folder given
+                problems.append(error_row(_display(rel(os.path.join(dirpath, d)) + "/")[0],
+                                          "a link to a folder outside the folder screened: not followed"))
+            else:
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             image, bad = _display(rel(os.path.join(dirpath, name)))
+            if not bad and outside(os.path.join(dirpath, name)):
+                bad = "a link to a file outside the folder screened: not read"
             if bad:
                 problems.append(error_row(image, bad))
             else:
                 photos.append((image, os.path.join(dirpath, name)))
+            if limit is not None and len(photos) > limit:
+                raise TooManyPhotos(f"{short(folder)}: holds more than {limit:,} photos; screen them all only if "
+                                    f"that is meant (CLI: --max-files N or --yes)")
     return sorted(photos), problems
 
 
@@ -325,9 +371,24 @@ def _checkpoint_id(trained: inference.Trained) -> str:
         return "unknown"
 
 
-def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, workers: int | None = None,
-           quality_gate: bool = True, device: str = "cpu", on_progress=None, progress: bool = False,
-           stop=None) -> ScreenResult:
+def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **options) -> ScreenResult:
+    """Grade every photograph under ``folder`` with a run, holding the report's lock; see :func:`_screen`.
+
+    The folder is searched and the report's place checked before the model loads: a system folder,
+    more than ``max_files`` photos (None: no limit), a report in a run folder or over a file a screen
+    did not write, and a report another screen is writing are refused in one line.
+    """
+    found = find_photos(folder, limit=max_files)  # the cheap refusals first, before torch loads a model
+    run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
+    paths = report_paths(out if out is not None else default_report(folder, run_dir))
+    check_out(paths)
+    with report_lock(paths):
+        return _screen(run, folder, paths[0], found=found, **options)
+
+
+def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: bool = False,
+            workers: int | None = None, quality_gate: bool = True, device: str = "cpu", on_progress=None,
+            progress: bool = False, stop=None) -> ScreenResult:
     """Grade every photograph under ``folder`` with a run; write the photo and patient reports.
 
     Args:
@@ -344,6 +405,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
             raises stops the screen (the rows written so far stay).
         progress: a tqdm bar on stderr.
         stop: a ``threading.Event``; when set, the screen stops after the current batch.
+        found: :func:`find_photos`'s answer for ``folder`` when the caller has it.
 
     Raises:
         ScreenError: the folder or the report cannot be used (one line).
@@ -356,7 +418,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ScreenError("device cuda: no CUDA GPU is available here; use cpu or auto")
-    photos, problems = find_photos(folder)  # the cheap refusals first, before torch loads a model
+    photos, problems = found if found is not None else find_photos(folder)
     run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
     trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
