@@ -63,12 +63,12 @@ __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_phot
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions
+DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
+from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
 
 class TooManyPhotos(ScreenError):
     """The folder holds more photos than the caller allowed: ask the user, then screen with a higher limit."""
-DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
-from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
 
 @dataclass
@@ -149,7 +149,9 @@ def find_photos(folder, limit: int | None = None) -> tuple[list[tuple[str, str]]
     real_root = os.path.realpath(root)
     photos, problems, visited = [], [], {}
 
-    def outside(path: str) -> bool:
+    def outside(path: str) -> bool:  # only a link can lead out: links out of the tree are never walked into
+        if not os.path.islink(path):
+            return False
         real = os.path.realpath(path)
         return real != real_root and not real.startswith(real_root.rstrip("/") + "/")
 
