@@ -150,10 +150,11 @@ def test_results(chosen: list[dict]) -> dict:
                     st.rerun()
                 except (runs.RunError, DatasetError, OSError) as e:
                     st.error(md_text(f"{r['label']}: {e}"))
-    labels = {r["id"]: r["label"] for r in chosen}
+    labels = {r["id"]: md_text(r["label"]) for r in chosen}  # names are text; the sentences around them are ours
     mismatch = compare.test_set_mismatch({labels[i]: t for i, (t, _) in evaluated.items()})
-    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(chosen):
-        st.warning(md_text(warning), icon=":material/warning:")
+    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(
+            [{**r, "label": labels[r["id"]]} for r in chosen]):
+        st.warning(warning, icon=":material/warning:")
     return evaluated
 
 

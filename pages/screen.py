@@ -74,13 +74,14 @@ def show_table(result_photos, patients, key: str, report) -> None:
     shown = st.multiselect("Show patients whose status is", STATUSES, default=list(STATUSES), key=f"{key}.status")
     st.dataframe(patients[patients["status"].isin(shown)], hide_index=True, key=f"{key}.patients",
                  column_config={"worst_grade": "worst grade", "ungraded": "photos not graded or ungradable"})
-    st.download_button("Download the patients (CSV)", screening.table_csv(patients), file_name=screening.report_paths(report)[1].name,
+    names = screening.report_paths(report)
+    st.download_button("Download the patients (CSV)", screening.table_csv(patients), file_name=names[1].name,
                        mime="text/csv", icon=":material/download:", key=f"{key}.download_patients")
     st.subheader("Photos")
     st.dataframe(result_photos.dropna(axis=1, how="all"), hide_index=True, key=f"{key}.photos",
                  column_config={f"p{g}": st.column_config.NumberColumn(f"P(grade {g})", format="percent")
                                 for g in range(5)})
-    st.download_button("Download the photos (CSV)", screening.table_csv(result_photos), file_name=screening.report_paths(report)[0].name,
+    st.download_button("Download the photos (CSV)", screening.table_csv(result_photos), file_name=names[0].name,
                        mime="text/csv", icon=":material/download:", key=f"{key}.download_photos")
 
 

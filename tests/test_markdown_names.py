@@ -12,7 +12,8 @@ from retino.text import md_text
 from test_screen import fresh_run
 
 NAMES = ["![img](http://host/x.png)", "[x](javascript:alert(1))", "**bold** <b>x</b> `code` :red[x] $x$",
-         "# heading\n- item", "a_b*c* \\ end"]
+         "# heading\n- item", "a_b*c* \\ end", "- item", "+ item", "1. item", "2) item", "> quote", "---",
+         "=== x", "&lt;b&gt;", "<http://host/x>", "| a | b |", "~~gone~~", ":material/home: x"]
 
 
 @pytest.mark.parametrize("name", NAMES)
