@@ -9,14 +9,15 @@ preprocesses them in worker processes exactly as the run was trained (:func:`ret
   with its ``error``, never the end of the screen. Rows are appended as each batch finishes, flushed
   and fsynced, so a kill loses at most one batch; at the end the file is rewritten sorted, atomically.
 - ``<name>.patients.csv``: one row per patient (:data:`PATIENT_COLUMNS`), rewritten at the end from
-  every photo row: a patient is referable when either eye is.
+  every photo row: "refer" when either eye is referable, "refer: ungraded eye" when an eye was not
+  graded or was ungradable, else "no referral".
 - ``<name>.json``: what made the report (run, checkpoint, folder, settings, threshold) and a summary.
 
 By default the report goes under the runs folder (:func:`default_report`), never into the folder
 screened; it is never written into a run folder or over a file a screen did not write, and one
-screen at a time holds it (:func:`retino.screen_report.check_out`, ``report_lock``). System folders
-are refused, links out of the folder are not followed, and a folder of more than ``max_files``
-photos is refused unless the caller asks for it.
+screen at a time holds it. System folders are refused, links out of the folder are not followed,
+and a folder of more than ``max_files`` photos is refused unless the caller asks for it
+(:mod:`retino.screen_paths`).
 
 Re-run with the same report, a screen skips the photos already in it (an interrupted screen resumes);
 a report made with another run or other settings is refused rather than mixed.
@@ -32,7 +33,6 @@ import copy
 import math
 import os
 import signal
-import unicodedata
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,10 +50,11 @@ from .data.loaders import to_float
 from .evaluate import read_chosen
 from .grades import REFERABLE_GRADE
 from .predict import tta_views
+from .screen_paths import (IMAGE_SUFFIXES, MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
+                           find_photos, report_lock)
 from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
-                            Appender, ScreenError, check_out, default_report, error_row, open_report,
-                            path_problem, patient_table, read_report, report_lock, report_paths, short,
-                            system_folder, table_csv, write_table)
+                            Appender, ScreenError, error_row, open_report, patient_table, read_report,
+                            report_paths, table_csv, write_table)
 from .stats import parse_patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
@@ -61,14 +62,8 @@ __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_phot
            "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES", "REFER",
            "REFER_UNGRADED", "NO_REFERRAL"]
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
 from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
-
-
-class TooManyPhotos(ScreenError):
-    """The folder holds more photos than the caller allowed: ask the user, then screen with a higher limit."""
 
 
 @dataclass
@@ -105,99 +100,6 @@ class ScreenResult:
 
 
 # ----------------------------------------------------------------------------- the photos
-
-def _display(text: str) -> tuple[str, str | None]:
-    """A name a CSV row can hold, and why the file cannot be screened under its own name (or None)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the file name is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in text):
-        return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text), \
-            "the file name holds control characters"
-    return text, None
-
-
-def find_photos(folder, limit: int | None = None) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Every JPEG/PNG under ``folder``, recursively, and error rows for what cannot be screened.
-
-    Names starting with "." (hidden files and folders) are skipped. Folders are followed through
-    symlinks once: a folder reached a second time (a symlink loop, or two links) is an error row, as
-    is a file whose name is not UTF-8 or holds control characters, and a folder that cannot be read.
-    A link (file or folder) leading out of ``folder`` is an error row, not followed. A system folder
-    (``/``, ``/dev``, ``/etc`` ... or a link to one) is refused, and so is a folder of more than
-    ``limit`` photos (:class:`TooManyPhotos`), before the rest is walked.
-
-    Returns:
-        ``([(image, path)], [row])``: ``image`` is the path relative to ``folder`` with "/" (the
-        report's key), ``path`` the one to open; sorted by ``image``.
-    """
-    root = Path(folder)
-    why = path_problem(root)
-    if why:
-        raise ScreenError(f"{short(folder)}: cannot be a folder: {why}")
-    try:
-        is_dir = root.is_dir()
-    except OSError as e:
-        raise ScreenError(f"{short(folder)}: cannot be read ({e.strerror or e}); expected a folder of photographs")
-    if not is_dir:
-        raise ScreenError(f"{short(folder)}: {'does not exist' if not os.path.exists(root) else 'is not a folder'}; "
-                          f"expected a folder of JPEG or PNG photographs")
-    system = system_folder(root)
-    if system:
-        raise ScreenError(f"{short(folder)}: {system} is a system folder, not a folder of photographs; refused")
-    real_root = os.path.realpath(root)
-    photos, problems, visited = [], [], {}
-
-    def outside(path: str) -> bool:  # only a link can lead out: links out of the tree are never walked into
-        if not os.path.islink(path):
-            return False
-        real = os.path.realpath(path)
-        return real != real_root and not real.startswith(real_root.rstrip("/") + "/")
-
-    def rel(path: str) -> str:
-        return os.path.relpath(path, root).replace(os.sep, "/")
-
-    def unreadable(e: OSError) -> None:
-        problems.append(error_row(_display(rel(e.filename) + "/")[0], f"the folder cannot be read ({e.strerror})"))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        here = rel(dirpath)
-        try:
-            st = os.stat(dirpath)
-        except OSError as e:
-            problems.append(error_row(_display(here + "/")[0], f"the folder cannot be read ({e.strerror})"))
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in visited:
-            problems.append(error_row(_display(here + "/")[0], f"the same folder as {visited[st.st_dev, st.st_ino]}/ "
-                                                             f"(a symlink loop or a second link): screened once"))
-            dirnames[:] = []
-            continue
-        visited[st.st_dev, st.st_ino] = here
-        kept = []
-        for d in sorted(d for d in dirnames if not d.startswith(".")):
-            if outside(os.path.join(dirpath, d)):  # a link out: the walk stays inside the folder given
-                problems.append(error_row(_display(rel(os.path.join(dirpath, d)) + "/")[0],
-                                          "a link to a folder outside the folder screened: not followed"))
-            else:
-                kept.append(d)
-        dirnames[:] = kept
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            image, bad = _display(rel(os.path.join(dirpath, name)))
-            if not bad and outside(os.path.join(dirpath, name)):
-                bad = "a link to a file outside the folder screened: not read"
-            if bad:
-                problems.append(error_row(image, bad))
-            else:
-                photos.append((image, os.path.join(dirpath, name)))
-            if limit is not None and len(photos) > limit:
-                raise TooManyPhotos(f"{short(folder)}: holds more than {limit:,} photos; screen them all only if "
-                                    f"that is meant (CLI: --max-files N or --yes)")
-    return sorted(photos), problems
-
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
 

@@ -6,17 +6,12 @@ checkpoint, folder, settings) and a summary. :func:`open_report` refuses to mix 
 another key and drops a last row cut short by a kill; rows are appended by :class:`Appender`, one
 write a batch, flushed and fsynced.
 
-Where a report may go is checked before anything is written (:func:`check_out`): never into a run
-folder or a system folder, never over a file a screen did not write; :func:`report_lock` keeps a
-second screen off the same report. Text cells that a spreadsheet would run as a formula are written
+Text cells that a spreadsheet would run as a formula are written
 with a leading ``'`` (:func:`escape_cell`) and read back without it.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
-import hashlib
 import io
 import math
 import os
@@ -41,14 +36,9 @@ TEXT_COLUMNS = ("image", "patient", "eye", "quality", "reasons", "error", "statu
 REFER, REFER_UNGRADED, NO_REFERRAL = "refer", "refer: ungraded eye", "no referral"
 STATUSES = (REFER, REFER_UNGRADED, NO_REFERRAL)
 
-# Folders that hold the system, not photographs: screening them walks devices and /proc, and a report
-# written there could replace system files. Refused with everything under them; "/" itself too.
-SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys")
-NAME_MAX, PATH_MAX = 255, 4095  # bytes, as Linux file systems allow (limits.h)
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV Injection"); "'"
 # itself is escaped too, so that reading a cell back (dropping one "'") gives exactly what was written.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-RUN_FILES = ("config.json", "best.pt", "status.json", "last.pt", "metrics.jsonl")
 
 
 class ScreenError(ValueError):
@@ -78,42 +68,6 @@ def report_paths(out) -> tuple[Path, Path, Path]:
                           f"table is written beside it as <name>.patients.csv")
     stem = out.name[:-len(out.suffix)]
     return out, out.with_name(f"{stem}.patients.csv"), out.with_name(f"{stem}.json")
-
-
-def default_report(folder, run_dir) -> Path:
-    """``<runs>/screens/<folder name>-<hash>/screen-<run id>.csv``: one place a folder's screens resume from.
-
-    Under the runs folder, not beside the photos: the folder screened may be read-only, shared, or a
-    place a report must not land. The hash of the folder's full path keeps two folders of one name apart.
-    """
-    full = os.path.realpath(os.path.expanduser(str(folder)))
-    tag = hashlib.sha1(os.fsencode(full)).hexdigest()[:8]
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(full).name)[:60].lstrip(".") or "root"
-    return runs.runs_root() / "screens" / f"{name}-{tag}" / f"screen-{Path(run_dir).name}.csv"
-
-
-def short(path) -> str:
-    """A path shortened for a one-line message (a 5,000-character path stays one readable line)."""
-    text = str(path)
-    return text if len(text) <= 120 else f"{text[:60]}…{text[-40:]} ({len(text):,} characters)"
-
-
-def path_problem(path) -> str | None:
-    """Why the file system cannot take ``path`` (a name or the whole path too long), or None."""
-    long = next((p for p in Path(path).parts if len(os.fsencode(p)) > NAME_MAX), None)
-    if long is not None:
-        return f"a name in the path is {len(os.fsencode(long)):,} bytes long; at most {NAME_MAX} are allowed"
-    if len(os.fsencode(str(path))) > PATH_MAX:
-        return f"the path is {len(os.fsencode(str(path))):,} bytes long; at most {PATH_MAX} are allowed"
-    return None
-
-
-def system_folder(path) -> str | None:
-    """The system folder ``path`` is (or is under), following links; None for an ordinary folder."""
-    real = os.path.realpath(path)
-    if real == "/":
-        return "/"
-    return next((s for s in SYSTEM_FOLDERS if real == s or real.startswith(s + "/")), None)
 
 
 def escape_cell(text: str) -> str:
@@ -150,64 +104,6 @@ HEADER = ",".join(PHOTO_COLUMNS) + "\n"
 
 def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in new if old.get(k) != new.get(k)]
-
-
-def check_out(paths: tuple[Path, Path, Path]) -> None:
-    """Refuse a report that would land in a run folder or a system folder, or replace a file no screen wrote.
-
-    A resumed report (its ``.csv`` and ``.json`` both there) is checked further by :func:`open_report`.
-    """
-    photos, patients, meta = paths
-    for p in paths:
-        why = path_problem(p)
-        if why:
-            raise ScreenError(f"{short(p)}: cannot be a report file: {why}")
-    parent = photos.parent if str(photos.parent) else Path(".")
-    system = system_folder(parent)
-    if system:
-        raise ScreenError(f"{short(photos)}: {system} is a system folder; write the report elsewhere")
-    present = [f for f in RUN_FILES if (parent / f).exists()]
-    if present:
-        raise ScreenError(f"{short(photos)}: {short(parent)} is a run folder (it holds {present[0]}); a report "
-                          f"written there could replace the run's files: choose another folder for --out")
-    for p in paths:
-        if p.is_symlink() or (p.exists() and not p.is_file()):
-            raise ScreenError(f"{short(p)}: is {'a link' if p.is_symlink() else 'not a file'}; a report is "
-                              f"written only to plain files: choose another report file")
-    if not photos.exists():
-        foreign = [p.name for p in (patients, meta) if p.exists()]
-        if foreign:
-            raise ScreenError(f"{short(photos)}: {' and '.join(foreign)} already exist beside it and this screen did "
-                              f"not write them; choose another report file")
-
-
-@contextlib.contextmanager
-def report_lock(paths: tuple[Path, Path, Path]):
-    """Hold ``.<name>.csv.lock`` beside the report while screening: a second screen on it is refused.
-
-    Two screens appending to one report would interleave their rows (every photo twice). flock is
-    released by the kernel when its holder dies, so a killed screen never locks its report.
-    """
-    photos = paths[0]
-    lock = photos.with_name(f".{photos.name}.lock")
-    try:
-        photos.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as e:
-        raise ScreenError(f"{short(photos)}: cannot write the report there ({e.strerror or e}); choose another --out")
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ScreenError(f"{short(photos)}: is being written by another screen ({holder}); wait for it to "
-                              f"finish or choose another report file") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        yield
 
 
 def open_report(paths: tuple[Path, Path, Path], key: dict) -> set[str]:

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO, run_cli
 from retino import runs
 from retino.screen import MAX_FILES, ScreenError, TooManyPhotos, find_photos, report_paths, screen
-from retino.screen_report import check_out, default_report, report_lock
+from retino.screen_paths import check_out, default_report, report_lock
 from test_screen import fresh_run, photos as photos  # noqa: F401  (the fixture)
 from test_screen import write_photos
 
@@ -69,7 +69,7 @@ def test_two_screen_processes_on_one_report_do_not_interleave(run, day, tmp_path
     holder = f"""
 import sys, time
 from retino.screen import report_paths
-from retino.screen_report import report_lock
+from retino.screen_paths import report_lock
 with report_lock(report_paths(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
