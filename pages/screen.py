@@ -48,7 +48,7 @@ cfg = run.config.get("train", {})
 left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px · "
              "best checkpoint")
 folder = right.text_input("Folder of photographs", key="screen.folder", placeholder="/data/screening/2026-01-15",
-                          help="Searched recursively for .jpeg, .jpg and .png; hidden files are skipped.")
+                          help="Searched recursively for .jpeg, .jpg, .png and .dcm (DICOM); hidden files are skipped.")
 out = right.text_input("Report file (.csv)", key="screen.out",
                        placeholder=str(screening.default_report(folder or "FOLDER", run.path)),
                        help="Photos already in this report are skipped: start again to resume a stopped screen. "

@@ -47,13 +47,13 @@ from .predict import tta_views
 from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Appender, ScreenError,
                             default_report, error_row, open_report, patient_table, read_report,
                             report_paths, table_csv, write_table)
-from .stats import parse_patient_eye
+from .data.dicom import patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
            "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")  # .dcm: DICOM, patient and eye from its tags
 DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
 from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
@@ -302,8 +302,8 @@ def _rows(batch: list, trained: inference.Trained, *, temperature: float, tta: b
     if graded:
         out = grade_batch(trained, np.stack([batch[i][1]["seen"] for i in graded]), temperature=temperature, tta=tta)
         for j, i in enumerate(graded):
-            (image, _), prep = batch[i]
-            patient, eye = parse_patient_eye(image)
+            (image, path), prep = batch[i]
+            patient, eye = patient_eye(image, path)
             q = prep.get("quality") or {}
             row = {"image": image, "patient": patient, "eye": eye or "", "grade": int(out["grade"][j]),
                    "referable_score": float(out["referable_score"][j]),
