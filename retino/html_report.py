@@ -50,10 +50,10 @@ class _Page:
         self.parts.append(text)
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.add(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.add(f"<h{level}>{html.escape(text, quote=False)}</h{level}>")
 
     def note(self, text: str) -> None:
-        self.add(f'<p class="note">{html.escape(text)}</p>')
+        self.add(f'<p class="note">{html.escape(text, quote=False)}</p>')
 
     def table(self, frame: pd.DataFrame, *, index: bool = False) -> None:
         self.add(frame.to_html(index=index, border=0, na_rep="–", escape=True))
