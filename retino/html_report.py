@@ -106,8 +106,12 @@ def _dataset(page: _Page, records: list[dict]) -> None:
         if path in seen:
             continue
         seen.add(path)
-        page.add(f"<p><b>{html.escape(str(path))}</b> ({html.escape(str(ds_info.get('layout', '?')))} layout, "
-                 f"split: {html.escape(str(ds_info.get('split', '?')))})</p>")
+        split = ds_info.get("split", "?")
+        if isinstance(split, dict):  # how the splits were made, without the bookkeeping
+            split = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in split.items()
+                              if k in ("method", "val_method", "val_fraction", "patients"))
+        page.add(f"<p><b>{html.escape(str(path))}</b> ({html.escape(str(ds_info.get('layout', '?')))} layout; "
+                 f"split: {html.escape(str(split))})</p>")
         try:
             report = stats(read_dataset(path, val_fraction=float(r["config"].get("val_fraction") or 0.1)))
         except (DatasetError, OSError, TypeError) as e:
