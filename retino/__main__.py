@@ -65,10 +65,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--run-dir", help="run folder to write (default: checkpoints/<date>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking server (default: "
+                                                   "$MLFLOW_TRACKING_URI; a failure warns and training goes on)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "mlflow", None):  # the trainer (this process or its children) reads the environment
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow
     from . import admission
     import torch
     from . import runs

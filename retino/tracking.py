@@ -10,6 +10,12 @@ written is one :mod:`retino.train` also wrote to the run folder, so the two can 
 - at the end, the chosen epoch's confusion matrices as figures, and the config as hparams with the
   final test metrics (``test.json``: value and 95% interval) as their results.
 
+With ``MLFLOW_TRACKING_URI`` set (``train --mlflow URI`` sets it), the same numbers also go to an
+MLflow tracking server (:class:`MlflowSink`): the config as params, the epoch metrics, the final test
+metrics with their intervals, and evaluation.json, test.json, predictions.csv, the confusion figure and
+the exported ONNX model as artifacts. MLflow is optional and never stops training: the first failure
+(server down, no ``mlflow`` installed) warns once and the run goes on without it.
+
 A resumed run appends a new event file to the same folder; TensorBoard's reader drops the steps
 that the restart repeats (its ``purge_orphaned_data``), so the curves stay single.
 """
@@ -17,6 +23,10 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -60,8 +70,10 @@ def confusion_figure(matrix, title: str):
 class Tracker:
     """Writes one run's TensorBoard events; every method is a no-op off rank 0."""
 
-    def __init__(self, run_dir: Path, *, main: bool = True):
+    def __init__(self, run_dir: Path, *, main: bool = True, config: Mapping | None = None):
         self.writer = None
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        self.mlflow = MlflowSink(uri, Path(run_dir), config or {}) if main and uri else None
         if main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR))
@@ -72,6 +84,8 @@ class Tracker:
         if self.writer is not None:
             self.writer.add_scalar("step/loss", loss, global_step)
             self.writer.add_scalar("step/lr", lr, global_step)
+        if self.mlflow:
+            self.mlflow.buffer({"step/loss": loss, "step/lr": lr}, global_step)
 
     def epoch(self, row: Mapping) -> None:
         """One metrics.jsonl line; flushed, so a killed run's curves stop where its metrics stop."""
@@ -80,6 +94,9 @@ class Tracker:
         for tag, value in scalar_tags(row).items():
             self.writer.add_scalar(tag, value, int(row["epoch"]))
         self.writer.flush()
+        if self.mlflow:
+            self.mlflow.buffer(scalar_tags(row), int(row["epoch"]))
+            self.mlflow.flush()
 
     def finish(self, config: Mapping, best_row: Mapping | None, test: Mapping | None) -> None:
         """The chosen epoch's confusion matrices and the config with its final test metrics; closes."""
@@ -101,6 +118,8 @@ class Tracker:
                 self.writer.file_writer.add_summary(summary)
             for tag, value in results.items():
                 self.writer.add_scalar(tag, value, epoch)
+        if self.mlflow:
+            self.mlflow.finish(results, epoch, best_row, test)
         self.close()
 
     def close(self) -> None:
@@ -119,3 +138,88 @@ def final_metrics(test: Mapping | None) -> dict[str, float]:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 out[f"final/test_{name}{suffix}"] = float(value)
     return out
+
+
+class MlflowSink:
+    """One Retino run as one MLflow run (experiment "retino"), through ``MlflowClient``; never raises.
+
+    Metrics are sent once an epoch (the log points' loss and lr buffered until then), so a slow server
+    costs one request an epoch, not one a step. The MLflow run id is kept in ``RUN/mlflow.json`` so a
+    resumed run logs into the same MLflow run.
+    """
+
+    EXPERIMENT = "retino"
+
+    def __init__(self, uri: str, run_dir: Path, config: Mapping):
+        self.uri, self.run_dir, self.client, self.run_id, self.pending = uri, run_dir, None, None, []
+        # a server that is down must cost seconds, not MLflow's default minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self._safely("start", self._start, config)
+
+    def _safely(self, what: str, fn, *args) -> None:
+        if self.client is None and what != "start":
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of an optional logger: warn once, train on
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            print(f"warning: MLflow logging to {self.uri} failed ({what}: {first}); training goes on without "
+                  f"MLflow", file=sys.stderr, flush=True)
+            self.client = None
+
+    def _start(self, config: Mapping) -> None:
+        from mlflow.tracking import MlflowClient
+        from . import runs
+        client = MlflowClient(tracking_uri=self.uri)
+        try:
+            run_id = runs.read_json(self.run_dir / "mlflow.json").get("run_id")
+        except runs.RunError:
+            run_id = None
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+        else:
+            exp = client.get_experiment_by_name(self.EXPERIMENT)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.EXPERIMENT)
+            run_id = client.create_run(exp_id, run_name=self.run_dir.name,
+                                       tags={"retino.run_dir": str(self.run_dir.resolve())}).info.run_id
+            from mlflow.entities import Param
+            params = [Param(k, str(v)[:6000]) for k, v in config.items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                client.log_batch(run_id, params=params[i:i + 100])
+            runs.write_json(self.run_dir / "mlflow.json", {"run_id": run_id, "tracking_uri": self.uri})
+        self.client, self.run_id = client, run_id
+
+    def buffer(self, values: Mapping[str, float], step: int) -> None:
+        if self.client is not None:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            self.pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()]
+
+    def flush(self) -> None:
+        def send():
+            while self.pending:  # MLflow takes at most 1000 metrics a batch
+                batch, self.pending = self.pending[:1000], self.pending[1000:]
+                self.client.log_batch(self.run_id, metrics=batch)
+        self._safely("metrics", send)
+        self.pending = []
+
+    def finish(self, results: Mapping[str, float], epoch: int, best_row: Mapping | None, test: Mapping | None) -> None:
+        self.buffer(results, epoch)
+        self.flush()
+        self._safely("artifacts", self._artifacts, best_row, test, epoch)
+        self._safely("end", lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def _artifacts(self, best_row, test, epoch: int) -> None:
+        for name in ("evaluation.json", "test.json", "predictions.csv"):
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        matrix = (test or {}).get("confusion") or (best_row or {}).get("test_confusion")
+        if matrix:
+            self.client.log_figure(self.run_id, confusion_figure(matrix, f"test, epoch {epoch} (chosen on val)"),
+                                   "confusion_test.png")
+        from .export import export_run
+        with tempfile.TemporaryDirectory(prefix="retino-mlflow-") as tmp:
+            model, info = export_run(self.run_dir, "onnx", Path(tmp))
+            self.client.log_artifact(self.run_id, str(model), "model")
+            self.client.log_artifact(self.run_id, str(info), "model")

@@ -192,7 +192,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
         runs.write_config(run_dir, cfg.to_dict(), dataset=dataset_info, norm=norm, world=ctx.world,
                           device=str(ctx.device), data_fingerprint=ds.fingerprint() if hasattr(ds, "fingerprint")
                           else runs.labels_fingerprint(ds.splits))
-    tracker = tracking.Tracker(run_dir, main=ctx.main)  # TensorBoard events in RUN/tb, rank 0 only
+    tracker = tracking.Tracker(run_dir, main=ctx.main, config=cfg.to_dict())  # RUN/tb; MLflow if set
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
