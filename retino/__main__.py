@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("screen", help="grade every photo under a folder: one row per photo and per patient")
     p.add_argument("run_dir")
-    p.add_argument("folder", help="searched recursively for .jpeg/.jpg/.png")
+    p.add_argument("folder", help="searched recursively for .jpeg/.jpg/.png and DICOM .dcm")
     p.add_argument("--out", help="photo report (.csv); <name>.patients.csv and <name>.json are written beside it "
                                  "(default: FOLDER/screen-<run id>.csv). Photos already in it are skipped")
     p.add_argument("--batch-size", type=int, default=16, help="photos a forward pass (default: 16)")
@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("report", help="one self-contained HTML file of runs' figures, to hand in or share")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more runs; with two, B vs A is B = the second")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="one or more runs; with two, B vs A is B = the second")
     p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--worst", type=int, default=4, help="most-wrong test photos per run, with Grad-CAM (0: none)")
     p.set_defaults(func=cmd_report)

@@ -88,7 +88,8 @@ def _records(run_dirs: Sequence) -> list[dict]:
                                 [r.config.get("train", {}) for r in infos])
     records = []
     for r, label in zip(infos, labels):
-        records.append({"label": label, "id": r.id, "path": r.path, "state": r.state, "config": r.config.get("train", {}),
+        records.append({"label": label, "id": r.id, "path": r.path, "state": r.state,
+                        "config": r.config.get("train", {}),
                         "full_config": r.config, "rows": runs.read_metrics(r.path),
                         "dataset": compare.dataset_label(r.config), "code": r.config.get("code"),
                         "data_fingerprint": r.config.get("data_fingerprint"),
@@ -165,7 +166,8 @@ def _roc_and_reliability(page: _Page, records: list[dict], colours: dict) -> Non
     diagrams = {k: d for k, d in ((label, compare.reliability(t, c)) for label, (t, c) in tables.items()) if d}
     if diagrams:
         page.figure(charts.reliability_diagrams(diagrams, colours=colours))
-        page.note("Solid: after the temperature fitted on val; dashed: before. A calibrated model lies on the diagonal.")
+        page.note("Solid: after the temperature fitted on val; dashed: before. A calibrated model lies on the "
+                  "diagonal.")
 
 
 def _curves_and_confusion(page: _Page, with_rows: list[dict], colours: dict) -> None:
@@ -219,9 +221,11 @@ def _worst(page: _Page, records: list[dict], n: int) -> None:
         cells = []
         for _, w in worst.iterrows():
             p = f", P(true) {w['p_true']:.0%}" if w["p_true"] == w["p_true"] else ""
-            caption = html.escape(f"{w['image']}: true {grade_label(w['label'])}, predicted {grade_label(w['grade'])}{p}")
+            caption = html.escape(f"{w['image']}: true {grade_label(w['label'])}, "
+                                  f"predicted {grade_label(w['grade'])}{p}")
             try:
-                img = f'<img alt="Grad-CAM of {html.escape(str(w["image"]))}" src="{png_data_uri(explain(trained, files[w["image"]]).overlay)}">'
+                uri = png_data_uri(explain(trained, files[w["image"]]).overlay)
+                img = f'<img alt="Grad-CAM of {html.escape(str(w["image"]))}" src="{uri}">'
             except (KeyError, ImageError) as e:
                 img = f'<p class="note">no photo ({html.escape(str(e))})</p>'
             cells.append(f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
