@@ -5,9 +5,11 @@ Every number comes from ``retino.compare`` (pure pandas) and every figure from `
 metrics and evaluations are read once per (run, file stamps), so 50 runs on disk stay quick
 (bench/compare_page.py). Nothing here runs a model unless the user asks (evaluate once, Grad-CAM).
 """
+from functools import partial
+
 import streamlit as st
 
-from retino import charts, compare, dashboard, evaluate, explain, runs
+from retino import charts, compare, dashboard, downloads, evaluate, explain, runs
 from retino.data import DatasetError, ImageError
 from retino.grades import grade_label
 from retino.inference import load_trained
@@ -316,6 +318,30 @@ def seeds_and_settings(chosen: list[dict]) -> None:
         st.dataframe(diff)
 
 
+def download_panel(chosen: list[dict]) -> None:
+    """The report of the selected runs, and one run's model (ONNX, TorchScript) or files (zip), built on click."""
+    st.subheader("Download")
+    st.download_button("Download report", partial(downloads.report_html, [str(r["path"]) for r in chosen]),
+                       file_name="retino-report.html", mime="text/html", on_click="ignore",
+                       icon=":material/description:", key="compare.download_report")
+    st.caption("One HTML file holding this page's figures, the data set, each run's config and Grad-CAM of the "
+               "worst test photos; it opens with no network (`python -m retino report RUN ... --out FILE`).")
+    by_id = {r["id"]: r for r in chosen}
+    c1, c2, c3, c4 = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
+    rid = c1.selectbox("Run", list(by_id), key="compare.download_run",
+                       format_func=lambda i: f"{by_id[i]['label']} · {i}")
+    path, has_model = str(by_id[rid]["path"]), dashboard.checkpoint_stamp(by_id[rid]["path"]) is not None
+    for col, fmt, label in ((c2, "onnx", "ONNX model"), (c3, "torchscript", "TorchScript model")):
+        col.download_button(label, partial(downloads.exported_model, path, fmt), on_click="ignore",
+                            file_name=downloads.export_file_name(rid, fmt), mime="application/octet-stream",
+                            disabled=not has_model, icon=":material/download:", key=f"compare.download_{fmt}")
+    c4.download_button("Run files (zip)", partial(downloads.run_zip, path), file_name=f"{runs.safe_name(rid)}.zip",
+                       mime="application/zip", on_click="ignore", icon=":material/folder_zip:",
+                       key="compare.download_zip")
+    if not has_model:
+        st.caption("This run has no best.pt yet: there is no model to export.")
+
+
 def manage(chosen: list[dict]) -> None:
     """Rename, tag or delete one of the chosen runs (delete asks first)."""
     st.subheader("Rename, tag or delete")
@@ -380,6 +406,7 @@ def page() -> None:
         confusion(with_rows)
     gallery(chosen, evaluated)
     seeds_and_settings(chosen)
+    download_panel(chosen)
     manage(chosen)
 
 

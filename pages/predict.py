@@ -90,7 +90,7 @@ def pick_photos() -> tuple[list[tuple[str, bytes]], dict | None]:
     """Uploaded photos and chosen test images as (name, bytes), and the chosen ones' true grades."""
     up_col, sample_col = st.columns(2)
     uploads = up_col.file_uploader(
-        "Fundus photographs", type=["jpg", "jpeg", "png"], accept_multiple_files=True, key="predict.uploads",
+        "Fundus photographs", type=["jpg", "jpeg", "png", "dcm"], accept_multiple_files=True, key="predict.uploads",
         max_upload_size=MAX_UPLOAD_MB, help="JPEG or PNG, any size: the fundus is found, cropped and resized as "
         "the run was trained.")
     data_dir = settings.data_path()

@@ -52,7 +52,7 @@ cfg = run.config.get("train", {})
 left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px · "
              "best checkpoint")
 folder = right.text_input("Folder of photographs", key="screen.folder", placeholder="/data/screening/2026-01-15",
-                          help="Searched recursively for .jpeg, .jpg and .png; hidden files are skipped.")
+                          help="Searched recursively for photos (JPEG, PNG, TIFF, BMP, DICOM); hidden files are skipped.")
 default_out = "RUNS/screens/<folder>/screen-<run>.csv" if not folder.strip() or path_problem(folder.strip()) \
     else str(screening.default_report(folder.strip(), run.path))
 out = right.text_input("Report file (.csv)", key="screen.out", placeholder=default_out,

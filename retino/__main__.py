@@ -14,6 +14,13 @@ from .cli import (EXIT_BAD_INPUT, UserError, _num, _Parser, _print_json, cmd_cam
 
 # ----------------------------------------------------------------------------- verbs
 
+def cmd_report(args) -> int:
+    from .html_report import write_report
+    out = write_report(args.run_dirs, args.out, n_worst=max(0, args.worst))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
 def cmd_synth(args) -> int:
     from .data.synthetic import make_dataset
     try:
@@ -58,10 +65,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--run-dir", help="run folder to write (default: checkpoints/<date>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking server (default: "
+                                                   "$MLFLOW_TRACKING_URI; a failure warns and training goes on)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "mlflow", None):  # the trainer (this process or its children) reads the environment
+        os.environ["MLFLOW_TRACKING_URI"] = args.mlflow
     from . import admission
     import torch
     from . import runs
@@ -288,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("screen", help="grade every photo under a folder: one row per photo and per patient")
     p.add_argument("run_dir")
-    p.add_argument("folder", help="searched recursively for .jpeg/.jpg/.png")
+    p.add_argument("folder", help="searched recursively for photos (JPEG, PNG, TIFF, BMP, DICOM .dcm)")
     p.add_argument("--out", help="photo report (.csv); <name>.patients.csv and <name>.json are written beside it "
                                  "(default: RUNS/screens/<folder>-<hash>/screen-<run id>.csv). Photos already in "
                                  "it are skipped; never a run folder or a file a screen did not write")
@@ -304,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("report", help="one self-contained HTML file of runs' figures, to hand in or share")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="one or more runs; with two, B vs A is B = the second")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--worst", type=int, default=4, help="most-wrong test photos per run, with Grad-CAM (0: none)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check-run", help="is a run folder whole? exit 1 if not")
     p.add_argument("run_dir")

@@ -50,12 +50,12 @@ from .data.loaders import to_float
 from .evaluate import read_chosen
 from .grades import REFERABLE_GRADE
 from .predict import tta_views
-from .screen_paths import (IMAGE_SUFFIXES, MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
+from .screen_paths import (MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
                            find_photos, report_lock)
 from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
                             Appender, ScreenError, error_row, open_report, patient_table, read_report,
                             report_paths, table_csv, write_table)
-from .stats import parse_patient_eye
+from .data.dicom import patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
@@ -252,8 +252,8 @@ def _rows(batch: list, trained: inference.Trained, *, temperature: float, tta: b
     if graded:
         out = grade_batch(trained, np.stack([batch[i][1]["seen"] for i in graded]), temperature=temperature, tta=tta)
         for j, i in enumerate(graded):
-            (image, _), prep = batch[i]
-            patient, eye = parse_patient_eye(image)
+            (image, path), prep = batch[i]
+            patient, eye = patient_eye(image, path)
             q = prep.get("quality") or {}
             row = {"image": image, "patient": patient, "eye": eye or "", "grade": int(out["grade"][j]),
                    "referable_score": float(out["referable_score"][j]),

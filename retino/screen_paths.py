@@ -16,9 +16,9 @@ import unicodedata
 from pathlib import Path
 
 from . import runs
+from .data.formats import IMAGE_EXTS
 from .screen_report import ScreenError, error_row
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions
 # Folders that hold the system, not photographs: screening them walks devices and /proc, and a report
 # written there could replace system files. Refused with everything under them; "/" itself too.
@@ -205,7 +205,7 @@ def find_photos(folder, limit: int | None = None) -> tuple[list[tuple[str, str]]
                 kept.append(d)
         dirnames[:] = kept
         for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
                 continue
             image, bad = _display(rel(os.path.join(dirpath, name)))
             if not bad and outside(os.path.join(dirpath, name)):

@@ -26,13 +26,13 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from .data.formats import IMAGE_EXTS
 from .grades import GRADES, REFERABLE_GRADE as REFERABLE
 from .metrics import _grades
 
 _K = len(GRADES)
 METRICS = ("qwk", "accuracy", "macro_f1", "referable_auc", "sensitivity", "specificity")
 _EYE = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
-_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def parse_patient_eye(image_name: str) -> tuple[str, Optional[str]]:
     match = _EYE.match(PurePath(name).stem)
     if match is None:
         suffix = PurePath(name).suffix
-        return (name[:-len(suffix)] if suffix.lower() in _IMAGE_SUFFIXES and PurePath(name).stem else name), None
+        return (name[:-len(suffix)] if suffix.lower() in IMAGE_EXTS and PurePath(name).stem else name), None
     return match["patient"], match["eye"].lower()
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import lifecycle, metrics, runs
+from . import lifecycle, metrics, runs, tracking
 from .config import TrainConfig
 from .data import DatasetError, read_dataset
 from .data.loaders import epoch_seed
@@ -199,6 +199,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
         runs.write_config(run_dir, cfg.to_dict(), dataset=dataset_info, norm=norm, world=ctx.world,
                           device=str(ctx.device), data_fingerprint=ds.fingerprint() if hasattr(ds, "fingerprint")
                           else runs.labels_fingerprint(ds.splits))
+    tracker = tracking.Tracker(run_dir, main=ctx.main, config=cfg.to_dict())  # RUN/tb; MLflow if set
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -222,6 +223,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             bar.update(s.step - bar.n)
             if beat:
                 loss = float(s.loss_sum) / max(s.seen, 1)
+                tracker.step((epoch - 1) * steps_per_epoch + s.step, loss, optimizer.param_groups[0]["lr"])
                 rate = eta.observe(s.seen * ctx.world)
                 beat.progress(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
                               eta_s=eta.seconds_left(epoch, s.step), train_loss=loss,
@@ -285,6 +287,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             # best.pt behind last.pt's best epoch is rewritten from last.pt.
             lifecycle.save_point("before-metrics", epoch)
             runs.append_metrics(run_dir, row)
+            tracker.epoch(row)
             lifecycle.save_point("before-last", epoch)
             runs.save_checkpoint(run_dir / "last.pt", ckpt)
             lifecycle.save_point("before-best", epoch)
@@ -304,6 +307,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             return {"stopped_at": {"epoch": epoch, "step": steps_per_epoch}}
 
     _final_evaluation(cfg, run_dir, ctx, beat, model, eval_loaders, splits, norm)
+    if ctx.main:
+        tracker.finish(cfg.to_dict(), runs.best_row(runs.read_metrics(run_dir)), runs.read_json(run_dir / "test.json"))
     if ctx.main and not cfg.keep_last:
         (run_dir / "last.pt").unlink(missing_ok=True)  # 134 MB for a ResNet18; --keep-last keeps it
     return (runs.best_row(runs.read_metrics(run_dir)) or {}) if ctx.main else {}

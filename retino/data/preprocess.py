@@ -142,6 +142,9 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
         raise _too_large(name)
     if not data:
         raise ImageError(name, "the file is empty (0 bytes); expected a JPEG or PNG image")
+    if data[128:132] == b"DICM":  # a clinic camera's DICOM file (retino.data.dicom), whatever its name
+        from .dicom import load_dicom
+        return load_dicom(data, name, target=target)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
