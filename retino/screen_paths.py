@@ -16,7 +16,7 @@ import unicodedata
 from pathlib import Path
 
 from . import runs
-from .data.formats import IMAGE_EXTS
+from .data.names import IMAGE_EXTS
 from .screen_report import ScreenError, error_row
 
 MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions

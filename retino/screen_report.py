@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .stats import parse_patient_eye
+from .data.names import parse_patient_eye
 
 PROB_COLUMNS = [f"p{g}" for g in range(5)]
 PHOTO_COLUMNS = ["image", "patient", "eye", "grade", *PROB_COLUMNS, "score", "referable_score", "referable",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import Dataset, read_dataset
-from .data.formats import IMAGE_EXTS
+from .data.names import IMAGE_EXTS
 from .fileio import REPO_ROOT, resolve_data_path, write_json
 
 DEFAULT_DATA = TrainConfig().data  # the embedded synthetic set that `make run` generates, as training's default

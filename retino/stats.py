@@ -26,13 +26,12 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .data.formats import IMAGE_EXTS
+from .data.names import parse_patient_eye
 from .grades import GRADES, REFERABLE_GRADE as REFERABLE
 from .metrics import _grades
 
 _K = len(GRADES)
 METRICS = ("qwk", "accuracy", "macro_f1", "referable_auc", "sensitivity", "specificity")
-_EYE = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,21 +310,6 @@ def paired_difference(a, b, *, groups, threshold_a: Optional[float], threshold_b
 
 # ---------------------------------------------------------------------------------------------
 # patients
-
-
-def parse_patient_eye(image_name: str) -> tuple[str, Optional[str]]:
-    """(patient, "left" | "right") from an EyePACS-style ``<patient>_left.jpeg``; else (name, None).
-
-    Directories and the extension are ignored for the match. A name that does not pair eyes is its
-    own patient: its text without an image extension (APTOS's ``000c1434d8d7.png`` is patient
-    ``000c1434d8d7``, the id the data set's CSV uses), its folders kept so two folders never merge.
-    """
-    name = str(image_name)
-    match = _EYE.match(PurePath(name).stem)
-    if match is None:
-        suffix = PurePath(name).suffix
-        return (name[:-len(suffix)] if suffix.lower() in IMAGE_EXTS and PurePath(name).stem else name), None
-    return match["patient"], match["eye"].lower()
 
 
 def patient_ids(image_names: Sequence[str]) -> np.ndarray:

@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
 from retino import stats
+from retino.data.names import parse_patient_eye
 from retino.metrics import classification_metrics
 
 
@@ -212,7 +213,7 @@ def test_runs_on_different_images_are_refused():
     ("IDRiD_01.jpg", ("IDRiD_01", None)),
 ])
 def test_parse_patient_eye(name, expected):
-    assert stats.parse_patient_eye(name) == expected
+    assert parse_patient_eye(name) == expected
 
 
 def test_patient_level_takes_the_worse_eye_and_the_higher_score():

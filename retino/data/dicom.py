@@ -1,8 +1,9 @@
 """Fundus photographs as clinics' cameras write them: DICOM (Ophthalmic Photography), read with pydicom.
 
 :func:`retino.data.preprocess.load_image` hands any file that starts like a DICOM file (the "DICM"
-magic at byte 128) to :func:`load_dicom`, so training, Predict and Screen read DICOM with no change
-of their own. What is read:
+magic at byte 128) to :func:`read_dicom` and decodes what it returns, so training, Predict and Screen
+read DICOM with no change of their own. This module knows DICOM, not images: it never imports the
+decoder that calls it. What is read:
 
 - one frame of uncompressed or JPEG-baseline pixel data, RGB, YBR_FULL or YBR_FULL_422 (or grey);
   a JPEG-baseline frame is decoded by Pillow exactly as a ``.jpeg`` file (draft mode included), so a
@@ -21,9 +22,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .preprocess import MAX_ASPECT, MAX_PIXELS, ImageError, _to_rgb
+from .names import parse_patient_eye
 
 PHOTO_MODALITIES = ("OP", "XC")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
@@ -37,7 +37,11 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _read(src, name: str, *, pixels: bool = True):
+class DicomError(ValueError):
+    """Why a DICOM file is not one fundus photograph Retino can read (``load_image`` names the file)."""
+
+
+def _read(src, *, pixels: bool = True):
     import pydicom
     from pydicom.errors import InvalidDicomError
     try:
@@ -45,57 +49,59 @@ def _read(src, name: str, *, pixels: bool = True):
                                stop_before_pixels=not pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(name, f"not a DICOM file Retino can read ({reason})") from None
+        raise DicomError(f"not a DICOM file Retino can read ({reason})") from None
 
 
-def check_photo(ds, name: str) -> None:
+def check_photo(ds, max_pixels: int, max_aspect: float) -> None:
     """Refuse what is not one fundus photograph, before any pixel is decoded."""
     modality = str(ds.get("Modality", "") or "").strip()
     if modality not in PHOTO_MODALITIES:
         found = f"Modality {modality}" if modality else "no Modality"
-        raise ImageError(name, f"DICOM with {found} is not a photograph; expected OP (ophthalmic "
+        raise DicomError(f"DICOM with {found} is not a photograph; expected OP (ophthalmic "
                                f"photography) or XC")
     if "PixelData" not in ds:
-        raise ImageError(name, "the DICOM file holds no pixel data (a report or document, not a photograph)")
+        raise DicomError("the DICOM file holds no pixel data (a report or document, not a photograph)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise ImageError(name, f"the DICOM file holds {frames} frames (a video or a series); expected a "
+        raise DicomError(f"the DICOM file holds {frames} frames (a video or a series); expected a "
                                f"single photograph: export each frame on its own")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in COLOUR + GREY:
-        raise ImageError(name, f"DICOM photometric interpretation {photometric or '(none)'} is not supported; "
+        raise DicomError(f"DICOM photometric interpretation {photometric or '(none)'} is not supported; "
                                f"expected one of {', '.join(COLOUR + GREY)}")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * cols == 0:
-        raise ImageError(name, "the DICOM file gives no image size (Rows / Columns)")
-    if rows * cols > MAX_PIXELS:
-        raise ImageError(name, f"{cols} x {rows} pixels is larger than the {MAX_PIXELS / 1e6:.0f} MP limit "
+        raise DicomError("the DICOM file gives no image size (Rows / Columns)")
+    if rows * cols > max_pixels:
+        raise DicomError(f"{cols} x {rows} pixels is larger than the {max_pixels / 1e6:.0f} MP limit "
                                f"for a fundus photograph")
-    if max(rows, cols) > MAX_ASPECT * min(rows, cols):
-        raise ImageError(name, f"{cols} x {rows} pixels is not a fundus photograph: its sides differ by more "
-                               f"than {MAX_ASPECT}:1")
+    if max(rows, cols) > max_aspect * min(rows, cols):
+        raise DicomError(f"{cols} x {rows} pixels is not a fundus photograph: its sides differ by more "
+                               f"than {max_aspect}:1")
 
 
-def load_dicom(data: bytes, name: str, *, target: int | None = None) -> Image.Image:
-    """One DICOM photograph as an RGB PIL image (``info["warnings"]`` an empty list, as load_image's)."""
-    ds = _read(data, name)
-    check_photo(ds, name)
+def read_dicom(data: bytes, *, max_pixels: int, max_aspect: float) -> bytes | np.ndarray:
+    """One DICOM photograph's frame: the JPEG bytes of a JPEG-baseline frame in its own YCbCr (to be
+    decoded exactly as a ``.jpeg`` file, draft mode included), else its pixels as an (H, W, 3) uint8
+    array, or (H, W) grey (int32 where wider than 8 bits).
+
+    Raises:
+        DicomError: not readable, not a photograph, more than one frame, no pixels, too large.
+    """
+    ds = _read(data)
+    check_photo(ds, max_pixels, max_aspect)
     photometric = str(ds.PhotometricInterpretation).strip()
     if ds.file_meta.get("TransferSyntaxUID") == JPEG_BASELINE and photometric != "RGB":
-        # the frame is a plain JPEG (its own YCbCr): decode it as a .jpeg file would be decoded
         from pydicom.encaps import generate_frames
-        from .preprocess import load_image
-        frame = io.BytesIO(next(generate_frames(ds.PixelData, number_of_frames=1)))
-        frame.name = name  # errors name the DICOM file, not "upload"
-        return load_image(frame, target=target)
+        return bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
     try:
         arr = ds.pixel_array  # YBR_* is converted to RGB by pydicom (its as_rgb default)
     except Exception as e:  # noqa: BLE001 - pydicom raises RuntimeError, NotImplementedError, ValueError ...
         syntax = ds.file_meta.get("TransferSyntaxUID")
         what = getattr(syntax, "name", None) or str(syntax)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(name, f"DICOM pixel data ({what}) cannot be decoded: {reason}; expected uncompressed "
-                               f"or JPEG baseline") from None
+        raise DicomError(f"DICOM pixel data ({what}) cannot be decoded: {reason}; expected uncompressed "
+                         f"or JPEG baseline") from None
     arr = np.asarray(arr)
     if photometric == "MONOCHROME1":  # 0 is white there
         arr = arr.max() - arr
@@ -103,10 +109,8 @@ def load_dicom(data: bytes, name: str, *, target: int | None = None) -> Image.Im
         hi = float(arr.max()) if arr.size else 0.0
         arr = (arr * (255.0 / hi) if hi > 255 else arr).clip(0, 255).astype(np.uint8)
     elif arr.ndim == 2 and arr.dtype.itemsize > 1:
-        arr = arr.astype(np.int32)  # PIL's "I" mode; _to_rgb scales the range used to 8 bits
-    rgb = _to_rgb(Image.fromarray(arr))
-    rgb.info["warnings"] = []
-    return rgb
+        arr = arr.astype(np.int32)  # PIL's "I" mode; the decoder scales the range used to 8 bits
+    return arr
 
 
 def _text(ds, keyword: str) -> str:
@@ -119,12 +123,11 @@ def patient_eye_from_dicom(path, image: str | None = None) -> tuple[str, str | N
     ``image`` is the name the file-name rule reads (the report's relative path); default the path.
     Tags that cannot be read at all give the file-name rule's answer.
     """
-    from ..stats import parse_patient_eye
     name = str(path) if image is None else image
     by_name = parse_patient_eye(name)
     try:
-        ds = _read(os.fspath(path), name, pixels=False)
-    except ImageError:
+        ds = _read(os.fspath(path), pixels=False)
+    except DicomError:
         return by_name
     patient = _text(ds, "PatientID")
     eye = _EYES.get(_text(ds, "ImageLaterality").upper()) or _EYES.get(_text(ds, "Laterality").upper())
@@ -137,5 +140,4 @@ def patient_eye(image: str, path) -> tuple[str, str | None]:
     """Screen's patient and eye: from the tags for a ``.dcm`` file, else from the file name."""
     if Path(path).suffix.lower() == ".dcm":
         return patient_eye_from_dicom(path, image)
-    from ..stats import parse_patient_eye
     return parse_patient_eye(image)

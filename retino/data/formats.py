@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .names import IMAGE_EXTS
 from .preprocess import file_kind
 
-# Every photo Retino reads, in data sets, Predict and Screen (.dcm: DICOM, decoded by data/dicom.py)
-IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
 SPLIT_SEED = 0          # the seed of every split Retino makes itself; recorded in each run
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1      # share of train's patients carved into val when a data set has no val of its own

@@ -143,8 +143,16 @@ def load_image(src, *, target: int | None = None) -> Image.Image:
     if not data:
         raise ImageError(name, "the file is empty (0 bytes); expected a JPEG or PNG image")
     if data[128:132] == b"DICM":  # a clinic camera's DICOM file (retino.data.dicom), whatever its name
-        from .dicom import load_dicom
-        return load_dicom(data, name, target=target)
+        from .dicom import DicomError, read_dicom
+        try:
+            frame = read_dicom(data, max_pixels=MAX_PIXELS, max_aspect=MAX_ASPECT)
+        except DicomError as e:
+            raise ImageError(name, str(e)) from None
+        if not isinstance(frame, bytes):
+            rgb = _to_rgb(Image.fromarray(frame))
+            rgb.info["warnings"] = []
+            return rgb
+        data = frame  # a JPEG-baseline frame: decoded below exactly as the same .jpeg file
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
