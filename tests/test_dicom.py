@@ -119,7 +119,7 @@ def test_refusals_name_the_file_and_the_reason(photo, tmp_path, kind, message):
     ("IMG0001.dcm", {"patient": "P-17", "laterality": "B"}, ("P-17", None)),  # both eyes: no one eye
     ("44_left.dcm", {"patient": "P-17"}, ("P-17", "left")),  # the tags lack the eye: the name's
     ("44_left.dcm", {}, ("44", "left")),                      # no tags: the file-name rule
-    ("IMG0002.dcm", {}, ("IMG0002.dcm", None)),               # neither: its own patient, as a JPEG is
+    ("IMG0002.dcm", {}, ("IMG0002", None)),                   # neither: its own patient, as a JPEG is
 ])
 def test_patient_and_eye_come_from_the_tags_then_the_name(photo, tmp_path, name, tags, expected):
     path = write_dicom(tmp_path / name, photo, **tags)
