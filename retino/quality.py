@@ -68,6 +68,9 @@ class Limits:
     ~0.5; a straight edge 0.17 is left to ``nf_diameter``."""
     nf_diameter: float = 2.0
     """Fitted circle diameter / frame's short side: real 0.88-1.30; a straight edge fits ~2.1+."""
+    nf_visible: float = 0.35
+    """Field area / its fitted circle's area: real >= 0.87, half a fundus 0.5; lines of text on
+    white 0.25 (a circle fitted round scattered marks)."""
     nf_roundness: float = 0.85
     """1 - median |edge distance - radius| / radius: real >= 0.956, a drawn 4:3 ellipse 0.90."""
     nf_surround: float = 0.15
@@ -191,7 +194,7 @@ def _field_mask(small: np.ndarray, v: np.ndarray, L: Limits) -> np.ndarray:
     flat = np.mean(np.abs(border - bg).max(1) <= 6) > 0.5       # the field may touch the frame
     if flat and bg.max() / 255.0 > L.dark_level:
         dev = np.abs(small.astype(np.float32) - bg).max(2) / 255.0
-        return (cv2.blur(dev, (7, 7)) > 0.02).astype(np.uint8)
+        return (cv2.blur(dev, (7, 7)) > 0.012).astype(np.uint8)
     level = float(np.clip(0.35 * np.percentile(v[::4, ::4], 95), L.dark_level, L.bright_level))
     return (v > level).astype(np.uint8)
 
@@ -374,7 +377,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
                 f"of the frame and its edge is the frame's"]
     checks = [("no round fundus edge", "share of the circle with an edge", "arc", ">=", L.nf_arc),
               ("no round fundus field", "circle diameter / frame", "diameter", "<=", L.nf_diameter),
-              ("fundus field too small", "share of the frame", "share", ">=", L.nf_share)]
+              ("fundus field too small", "share of the frame", "share", ">=", L.nf_share),
+              ("no round fundus field", "share of its circle the bright area fills", "visible", ">=", L.nf_visible)]
     if sc.get("surround", 0.0) <= L.max_surround:   # on a processed image's grey the field's edge is ragged
         checks.append(("field not round", "roundness", "roundness", ">=", L.nf_roundness))
     if sc.get("surround_spread", 0.0) > L.nf_surround_spread:   # a flat grey surround is an enhanced fundus's
