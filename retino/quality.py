@@ -378,7 +378,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
     checks = [("no round fundus edge", "share of the circle with an edge", "arc", ">=", L.nf_arc),
               ("no round fundus field", "circle diameter / frame", "diameter", "<=", L.nf_diameter),
               ("fundus field too small", "share of the frame", "share", ">=", L.nf_share),
-              ("no round fundus field", "share of its circle the bright area fills", "visible", ">=", L.nf_visible)]
+              ("no round fundus field" + (" on a dark background" if sc.get("surround", 0.0) > L.max_surround else ""),
+               "share of its circle the bright area fills", "visible", ">=", L.nf_visible)]
     if sc.get("surround", 0.0) <= L.max_surround:   # on a processed image's grey the field's edge is ragged
         checks.append(("field not round", "roundness", "roundness", ">=", L.nf_roundness))
     if sc.get("surround_spread", 0.0) > L.nf_surround_spread:   # a flat grey surround is an enhanced fundus's
