@@ -113,7 +113,7 @@ class Limits:
     max_clipped: float = 0.3
     """Share of the field with green clipped (>= 250): real <= 2.4%; over-exposed >= 92%."""
     min_focus: float = 0.11
-    """var(LoG sigma 1 px) / var(LoG sigma 3 px) of green at DETAIL_DIAMETER: real >= 0.129,
+    """var(LoG sigma 1 px) / var(LoG sigma 3 px) of green at DETAIL_DIAMETER: real >= 0.127,
     synthetic >= 0.16; synthetic blurred <= 0.083, scikit-image's retina blurred sigma 8 0.076."""
     min_focus_coarse: float = 0.13
     """The same at FOCUS_DIAMETER: real >= 0.18, good synthetic >= 0.24; blurred synthetic (with
