@@ -78,32 +78,39 @@ def circuit(seed=0) -> np.ndarray:
     return im
 
 
-NOT_FUNDUS = {  # picture -> a reason it must be given
-    "text on white": (text_on_white, "no round fundus field on a dark background"),
-    "gradient": (gradient, "no round fundus edge"),
-    "face on grey": (face, "no round fundus field on a dark background"),
-    "face on black": (lambda: face((0, 0, 0)), "field not round"),
-    "light grey disc": (lambda: disc((215, 215, 215)), "a blank field"),
-    "grey disc": (lambda: disc((128, 128, 128)), "a blank field"),
-    "blue disc": (lambda: disc((60, 90, 200)), "not the colour of a retina"),
-    "red disc": (lambda: disc((200, 80, 40)), "a blank field"),
-    "checkerboard": (checkerboard, "fundus field too small"),
-    "circuit board": (circuit, "no round fundus field on a dark background"),
-    "black frame": (lambda: np.zeros((300, 400, 3), np.uint8), "no fundus field"),
+NOT_FUNDUS = {  # certainly not a fundus photograph: picture -> a reason it may be given
+    "text on white": (text_on_white, ("no round fundus field", "field not round", "fundus field too small")),
+    "gradient": (gradient, ("no round fundus edge", "no round fundus field", "no dark surround")),
+    "light grey disc": (lambda: disc((215, 215, 215)), ("a blank field",)),
+    "grey disc": (lambda: disc((128, 128, 128)), ("a blank field",)),
+    "blue disc": (lambda: disc((60, 90, 200)), ("not the colour of a retina",)),
+    "red disc": (lambda: disc((200, 80, 40)), ("a blank field",)),
+    "checkerboard": (checkerboard, ("fundus field too small", "no dark surround")),
+    "circuit board": (circuit, ("no round fundus field", "field not round", "not the colour of a retina")),
+    "black frame": (lambda: np.zeros((300, 400, 3), np.uint8), ("no fundus field",)),
 }
 
 
-def _has(q: quality.Quality, prefix: str) -> bool:
-    return any(r.startswith(prefix) for r in q.reasons)
+def _has(q: quality.Quality, *prefixes: str) -> bool:
+    return any(r.startswith(p) for r in q.reasons for p in prefixes)
 
 
 @pytest.mark.parametrize("name", NOT_FUNDUS)
 def test_drawn_pictures_are_not_fundus(name):
-    make, prefix = NOT_FUNDUS[name]
+    make, prefixes = NOT_FUNDUS[name]
     q = assess(make())
     assert q.verdict == "not_fundus", (name, q.reasons, q.scores)
-    assert _has(q, prefix), (name, q.reasons)
+    assert _has(q, *prefixes), (name, q.reasons)
     json.dumps(q.as_dict())
+
+
+@pytest.mark.parametrize("background", [(200, 200, 205), (0, 0, 0)])
+def test_drawn_faces_are_refused(background):
+    """An oval face is less round than any fundus camera's field, yet rounder than the margin that
+    makes 'certainly not a fundus': refused as ungradable at least, with the shape named."""
+    q = assess(face(background))
+    assert q.verdict != "ok" and q.reasons, (q.reasons, q.scores)
+    assert _has(q, "field not", "no dark surround", "no vessel tree"), q.reasons
 
 
 def test_a_white_disc_reads_as_over_exposed():
@@ -196,6 +203,172 @@ def test_bad_input_is_named():
         assess(np.zeros((4, 4, 3), np.uint8))
 
 
+# ----------------------------------------------------------------------------- what a second adversarial look broke
+
+def in_circle(img) -> np.ndarray:
+    """A picture cropped into a centred circle on black: a fundus photo's shape, none of its content."""
+    img = np.asarray(img)
+    img = np.ascontiguousarray(np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3])
+    h, w = img.shape[:2]
+    side = min(h, w)
+    img = img[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    mask = np.zeros((side, side), np.uint8)
+    cv2.circle(mask, (side // 2, side // 2), int(side * 0.46), 1, -1)
+    return img * mask[..., None]
+
+
+def textured_disc(spot: bool, seed: int = 0, size: int = 512) -> np.ndarray:
+    """Red-orange with a fundus-like grain, round on black, and no vessels."""
+    rng = np.random.default_rng(seed)
+    tex = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 3)
+    img = np.clip(np.array([200, 90, 40], np.float32) * (1 + 0.12 * (tex / tex.std())[..., None]), 0, 255)
+    img = img.astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    cv2.circle(mask, (size // 2, size // 2), int(size * 0.46), 1, -1)
+    img = img * mask[..., None]
+    if spot:   # a bright round 'optic disc'
+        cv2.circle(img, (size * 2 // 3, size // 2), size // 14, (255, 230, 180), -1, cv2.LINE_AA)
+    return img
+
+
+def _skimage(name):
+    return getattr(pytest.importorskip("skimage.data"), name)()
+
+
+@pytest.mark.xfail(strict=True, reason="not yet told apart: a tabby cat's fur, cropped round on black, is "
+                   "red-orange, sharp, grainy and one-coloured enough (colour spread 0.056, a real photo's up to "
+                   "0.071), with long dark hairs the vessel measure reads as vessels; the model's view must refuse it")
+def test_cat_in_a_black_circle_is_not_ok():
+    q = assess(in_circle(_skimage("chelsea")))
+    assert q.verdict != "ok", q.scores
+
+
+def test_coffee_in_a_black_circle_is_not_ok():
+    q = assess(in_circle(_skimage("coffee")))
+    assert q.verdict == "not_fundus" and _has(q, "many colours"), (q.reasons, q.scores)
+
+
+def test_histology_slide_in_a_black_circle_is_not_ok():
+    q = assess(in_circle(_skimage("immunohistochemistry")))
+    assert q.verdict != "ok" and _has(q, "no vessel tree visible"), (q.reasons, q.scores)
+
+
+@pytest.mark.parametrize("spot", [False, True], ids=["plain", "with a bright optic-disc spot"])
+def test_textured_red_orange_disc_without_vessels_is_not_ok(spot):
+    for seed in range(2):
+        q = assess(textured_disc(spot, seed))
+        assert q.verdict != "ok" and _has(q, "no vessel tree visible"), (spot, seed, q.reasons, q.scores)
+
+
+def test_text_in_a_red_disc_is_not_ok():
+    img = np.zeros((512, 512, 3), np.uint8)
+    cv2.circle(img, (256, 256), 235, (200, 90, 40), -1, cv2.LINE_AA)
+    for i in range(8):
+        cv2.putText(img, "Lorem ipsum", (64, 102 + 46 * i), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (90, 30, 10), 2, cv2.LINE_AA)
+    q = assess(img)
+    assert q.verdict != "ok" and _has(q, "no vessel tree visible"), (q.reasons, q.scores)
+
+
+@pytest.mark.parametrize("sigma", [4, 8, 12])
+def test_retina_photo_blurred_is_not_ok(sigma):
+    """scikit-image's retina is a real fundus photograph (1411 px): sharp, it passes; blurred, it does not."""
+    retina = _skimage("retina")
+    assert assess(retina).verdict == "ok", assess(retina).reasons
+    q = assess(cv2.GaussianBlur(retina, (0, 0), sigma))
+    assert q.verdict == "ungradable" and _has(q, "out of focus", "blurred or enlarged"), (sigma, q.reasons, q.scores)
+
+
+def test_fundus_photo_blurred_at_sigma_3_is_not_ok():
+    """A real fundus photo at the 1024 px EyePACS photos come at, blurred by 3 px: no longer sharp."""
+    retina = cv2.resize(_skimage("retina"), (1024, 1024), interpolation=cv2.INTER_AREA)
+    assert assess(retina).verdict == "ok"
+    q = assess(cv2.GaussianBlur(retina, (0, 0), 3))
+    assert q.verdict == "ungradable" and _has(q, "out of focus", "blurred or enlarged"), (q.reasons, q.scores)
+
+
+def test_retina_photo_with_a_41_px_motion_blur_is_not_ok():
+    kernel = np.zeros((41, 41), np.float32)
+    kernel[20] = 1 / 41
+    q = assess(cv2.filter2D(_skimage("retina"), -1, kernel))
+    assert q.verdict == "ungradable", (q.reasons, q.scores)
+
+
+def test_retina_photo_with_heavy_noise_is_not_ok():
+    retina = _skimage("retina").astype(np.float32)
+    noisy = np.clip(retina + np.random.default_rng(0).normal(0, 40, retina.shape), 0, 255).astype(np.uint8)
+    q = assess(noisy)
+    assert q.verdict == "ungradable" and _has(q, "too noisy"), (q.reasons, q.scores)
+
+
+def test_half_a_fundus_is_not_called_not_fundus():
+    rgb, _ = render_fundus(2, size=512, seed=4)
+    for half in (rgb[:, :256], rgb[:256], rgb[:, 256:]):
+        q = assess(np.ascontiguousarray(half))
+        assert q.verdict == "ungradable" and _has(q, "too little of the field visible"), (q.reasons, q.scores)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_synthetic_fundus_photos_at_128_and_512_px_are_ok(size):
+    """128 px is the size the demo trains at: synth's photos at that size are gradable, not 'too small'."""
+    for grade in range(5):
+        rgb, _ = render_fundus(grade, eye=("left", "right")[grade % 2], size=size, seed=200 + grade)
+        q = assess(rgb)
+        assert q.verdict == "ok", (size, grade, q.reasons, q.scores)
+
+
+def test_the_verdict_does_not_depend_on_the_decode_size(tmp_path):
+    """One photo decoded at two sizes (as runs of 224 and 512 px decode it, JPEG draft mode and full):
+    the gate analyses both at one size, so verdict and shape measures agree."""
+    for grade, seed in ((0, 1), (3, 2)):
+        rgb, _ = render_fundus(grade, size=1024, seed=seed)
+        path = tmp_path / f"{grade}.jpeg"
+        Image.fromarray(rgb).save(path, quality=95)
+        small, big = load_image(path, target=quality.GATE_MIN_SIDE), load_image(path)
+        assert min(small.size) < min(big.size)
+        a, b = assess(small), assess(big)
+        assert a.verdict == b.verdict == "ok", (a.reasons, b.reasons)
+        for key in ("roundness", "share", "brightness", "visible"):
+            assert a.scores[key] == pytest.approx(b.scores[key], abs=0.01), key
+        blurred = cv2.GaussianBlur(rgb, (0, 0), 6)
+        Image.fromarray(blurred).save(path, quality=95)
+        assert assess(load_image(path, target=quality.GATE_MIN_SIDE)).verdict == "ungradable"
+        assert assess(load_image(path)).verdict == "ungradable"
+
+
+def test_a_too_small_photo_says_what_size_it_needs():
+    rgb, _ = render_fundus(1, size=64, seed=2)
+    reason = assess(rgb).reasons[0]
+    assert reason.startswith("fundus too small to grade") and f">= {LIMITS.min_diameter}" in reason
+    assert "128-px photo" in reason
+
+
+# ----------------------------------------------------------------------------- enhanced fundus photos
+
+def _enhanced(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(lab[..., 0])
+    blur = cv2.GaussianBlur(rgb.astype(np.float32), (0, 0), rgb.shape[1] / 60)
+    ben = cv2.addWeighted(rgb.astype(np.float32), 4, blur, -4, 128)   # Ben Graham's local-average subtraction
+    keep = np.zeros(rgb.shape[:2], np.uint8)
+    cv2.circle(keep, (rgb.shape[1] // 2, rgb.shape[0] // 2), int(rgb.shape[1] * 0.45 * 0.9), 1, -1)
+    ben = np.clip(ben * keep[..., None] + 128 * (1 - keep[..., None]), 0, 255).astype(np.uint8)
+    return {"clahe": cv2.cvtColor(lab, cv2.COLOR_LAB2RGB),
+            "green boost": np.clip(rgb * np.float32([1.0, 1.5, 1.0]), 0, 255).astype(np.uint8),
+            "gamma": cv2.LUT(rgb, (255 * (np.arange(256) / 255) ** 1.6).astype(np.uint8)),
+            "ben graham": ben}
+
+
+@pytest.mark.parametrize("kind", ["clahe", "green boost", "gamma", "ben graham"])
+def test_enhanced_fundus_photos_are_never_called_not_fundus(kind):
+    """Declining to grade an enhanced image is defensible; calling a fundus 'not a fundus' is false."""
+    for grade in (0, 3):
+        rgb, _ = render_fundus(grade, size=512, seed=30 + grade)
+        q = assess(_enhanced(rgb)[kind])
+        assert q.verdict != "not_fundus", (kind, grade, q.reasons, q.scores)
+
+
 # ----------------------------------------------------------------------------- the model's view
 
 def _gauss(n, d=24, seed=0, shift=0.0):
@@ -259,8 +432,8 @@ def test_assess_adds_the_models_view():
     dark, _ = degrade_photo(rgb, "dark", seed=0)
     q = assess(dark, ood=(41.2, 30.0))   # a fundus the model finds strange: the reasons say why
     assert q.verdict == "ungradable" and _has(q, "too dark") and _has(q, "unlike the photos")
-    q = assess(face((0, 0, 0)), ood=(41.2, 30.0))   # the photo's own evidence first, the model's view after
-    assert q.verdict == "not_fundus" and _has(q, "field not round") and q.reasons[-1].startswith("unlike")
+    q = assess(disc((60, 90, 200)), ood=(41.2, 30.0))   # the photo's own evidence first, the model's view after
+    assert q.verdict == "not_fundus" and _has(q, "not the colour") and q.reasons[-1].startswith("unlike")
     judged = quality.judge(quality.measure(rgb), ood=(41.2, 30.0))   # measure + judge is assess, in two steps
     assert judged.as_dict() == assess(rgb, ood=(41.2, 30.0)).as_dict()
 
