@@ -73,9 +73,12 @@ def load_records() -> list[dict]:
     infos = runs.list_runs()
     labels = compare.run_labels([r.name for r in infos], [r.id for r in infos],
                                 [r.config.get("train", {}) for r in infos])
-    return [{"label": label, "name": "" if r.name == r.id else r.name, "id": r.id, "state": r.state,
+    rows = {r.id: metrics_of(r.path) for r in infos}
+    notes = {r.id: dashboard.provisional_note(r, rows[r.id]) for r in infos}  # None once completed
+    return [{"label": f"{label} (provisional)" if notes[r.id] else label, "name": "" if r.name == r.id else r.name,
+             "id": r.id, "state": r.state, "note": notes[r.id],
              "config": r.config.get("train", {}), "tags": r.tags, "created": r.created, "path": r.path,
-             "problems": r.problems, "rows": metrics_of(r.path), "dataset": compare.dataset_label(r.config),
+             "problems": r.problems, "rows": rows[r.id], "dataset": compare.dataset_label(r.config),
              "code": r.config.get("code"), "data_fingerprint": r.config.get("data_fingerprint"),
              "full_config": r.config}
             for r, label in zip(infos, labels)]
@@ -119,6 +122,8 @@ def test_results(chosen: list[dict]) -> dict:
     st.subheader("On the test split, everything chosen on val")
     reports, evaluated = {}, {}
     for r in chosen:
+        if r["state"] not in dashboard.PREDICTABLE:  # a live or failed run's folder holds no final evaluation
+            continue
         stamp = dashboard.evaluation_stamp(r["path"])
         try:
             reports[r["id"]] = test_report(str(r["path"]), stamp)
@@ -134,6 +139,10 @@ def test_results(chosen: list[dict]) -> dict:
                "best point value among the selected runs (lowest ECE); overlapping intervals mean the gap may be "
                "noise: B vs A below says. Sensitivity and specificity of referable DR (grade ≥ 2) at each run's "
                "threshold, chosen on val for its target sensitivity.")
+    for r in chosen:
+        note = dashboard.calibration_note((reports.get(r["id"]) or {}).get("calibration"))
+        if note:
+            st.caption(f":orange[{r['label']}: {note}.]")
     for r in chosen:  # a live run is evaluated by its trainer when it completes
         if (reports.get(r["id"]) is None and r["id"] not in evaluated and r["state"] in dashboard.PREDICTABLE
                 and dashboard.checkpoint_stamp(r["path"])):
@@ -170,7 +179,10 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
         return
     missing = [by_id[i]["label"] for i in (a, b) if i not in evaluated]
     if missing:
-        st.info(f"Not evaluated yet: {', '.join(missing)} (see above).", icon=":material/info:")
+        unfinished = [f"{by_id[i]['label']}: {by_id[i]['note']}" for i in (a, b) if by_id[i]["state"] not in
+                      dashboard.PREDICTABLE]
+        st.info(f"Not compared: {'; '.join(unfinished)}. B vs A compares finished runs." if unfinished else
+                f"Not evaluated yet: {', '.join(missing)} (see above).", icon=":material/info:")
         return
     try:
         result = versus(str(by_id[a]["path"]), str(by_id[b]["path"]),
@@ -298,7 +310,11 @@ def confusion(with_rows: list[dict]) -> None:
 
 def seeds_and_settings(chosen: list[dict]) -> None:
     st.subheader("Seeds")
-    groups = compare.seed_groups(chosen)
+    finished = [r for r in chosen if not r["note"]]
+    left_out = [r["label"] for r in chosen if r["note"]]
+    if left_out:
+        st.caption(f"Left out of the seed averages, not finished: {', '.join(left_out)}.")
+    groups = compare.seed_groups(finished)
     if groups.empty:
         st.caption("No selected runs differ only by seed. Select runs with the same settings and different seeds "
                    "to see mean ± std of their best-epoch metrics.")
@@ -362,6 +378,10 @@ def page() -> None:
         st.info("Select one or more runs in the table.", icon=":material/touch_app:")
         return
     for r in chosen:
+        if r["note"]:
+            later = "" if r["state"] in dashboard.PREDICTABLE else "; it is evaluated on test when it completes"
+            st.warning(f"{r['label']}: {r['note']}. Its figures below are its best epoch so far{later}.",
+                       icon=":material/hourglass_top:")
         for problem in r["problems"]:
             st.warning(f"{r['label']}: {problem}", icon=":material/warning:")
         if not r["rows"]:
