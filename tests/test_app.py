@@ -261,8 +261,8 @@ def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launch
     # 10 epochs at 512 px, from the measured 2-core CPU rates (BENCHMARKS.md)
     per_epoch = {a: n_train / r + n_eval / (plan.EVAL_SPEEDUP * r) for a, r in (("resnet18", 3.9), ("resnet50", 1.3))}
     expected = plan.duration_text(2 * 10 * (per_epoch["resnet18"] + per_epoch["resnet50"]))
-    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On a CPU"))
-    assert f"On a CPU: {expected} for 4 runs" in note and "BENCHMARKS.md" in note
+    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
+    assert f"On this CPU: {expected} for 4 runs" in note and "BENCHMARKS.md" in note
 
 
 def test_train_page_shows_whether_weights_are_offline(data_in_use, runs_dir, monkeypatch):
