@@ -216,7 +216,8 @@ def finished_card(run: runs.RunInfo, label: str) -> None:
             st.caption("Its process ended without saying so (killed, or the machine restarted): "
                        f"{dashboard.resume_point(run, rows)}.")
         elif run.state == "stopped":
-            st.caption(f"{dashboard.resume_point(run, rows).capitalize()}.")
+            point = dashboard.resume_point(run, rows)
+            st.caption(f"{point[0].upper()}{point[1:]}.")
         for problem in run.problems:
             st.warning(problem)
 
