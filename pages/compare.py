@@ -171,7 +171,7 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
     by_id = {r["id"]: r for r in chosen}
     ids = list(by_id)
     c1, c2 = st.columns(2)
-    name = lambda i: f"{by_id[i]['label']} · {i}"  # noqa: E731
+    name = lambda i: by_id[i]["label"]  # noqa: E731  (labels are unique; the folder would cut the text off)
     a = c1.selectbox("A", ids, index=min(1, len(ids) - 1), key="compare.a", format_func=name)
     b = c2.selectbox("B", ids, index=0, key="compare.b", format_func=name)
     if a == b:
@@ -233,7 +233,7 @@ def gallery(chosen: list[dict], evaluated: dict) -> None:
                    "true grade: where label noise and failure modes show.")
         c1, c2 = st.columns([3, 2])
         rid = c1.selectbox("Run", list(by_id), key="compare.gallery_run",
-                           format_func=lambda i: f"{by_id[i]['label']} · {i}")
+                           format_func=lambda i: by_id[i]["label"])
         if not c2.toggle("Show the photos (runs the model)", key="compare.gallery"):
             return
         run = by_id[rid]
@@ -335,7 +335,7 @@ def manage(chosen: list[dict]) -> None:
     st.subheader("Rename, tag or delete")
     by_id = {r["id"]: r for r in chosen}
     target = by_id[st.selectbox("Run", list(by_id), key="compare.manage",
-                                format_func=lambda i: f"{by_id[i]['label']} · {i}")]
+                                format_func=lambda i: by_id[i]["label"])]
     with st.form("compare.meta", border=False):
         c1, c2 = st.columns(2)
         name = c1.text_input("Name", value=target["name"], placeholder=target["label"], key="compare.name")

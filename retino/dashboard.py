@@ -349,3 +349,18 @@ def resume_point(run: runs.RunInfo, rows) -> str:
     if not done:
         return f"{verb} before its first epoch finished: Resume starts from epoch 1"
     return f"{verb} after epoch {done} of {epochs}: Resume continues from epoch {done + 1}"
+
+
+def explain_note(explained: int, grade: int) -> str | None:
+    """Why a Grad-CAM map of grade 0 is (nearly) empty, and what to ask instead; None for other grades.
+
+    Grade 0 is the absence of lesions, so nothing in a photo raises its score in one place: its map
+    has little to point at, whichever grade the photo got. Explaining the referable grade (2) shows
+    what, if anything, pushes the photo towards referral.
+    """
+    if explained != 0:
+        return None
+    got = "this photo's grade" if grade == 0 else f"not this photo's grade ({grade})"
+    return ("Grade 0 (no DR) is " + got + ": it means no lesions, so no spot raises it and its map is mostly "
+            "empty. Explain grade 2 (moderate, the first referable grade) to see what pushes this photo "
+            "towards referral.")

@@ -223,3 +223,9 @@ def test_item5_small_probabilities_and_unhelpful_calibration_in_words():
     assert note.startswith("temperature scaling did not help on test: ECE 0.019 before, 0.029 after")
     assert dashboard.calibration_note({"temperature": 1.2, "ece": 0.01, "ece_before_temperature": 0.02}) is None
     assert dashboard.calibration_note({"ece": None, "ece_before_temperature": 0.02}) is None
+
+
+def test_item5_explaining_grade_0_says_why_its_map_is_empty():
+    assert "Explain grade 2" in dashboard.explain_note(0, 0) and "this photo's grade" in dashboard.explain_note(0, 0)
+    assert "not this photo's grade (3)" in dashboard.explain_note(0, 3)
+    assert dashboard.explain_note(2, 0) is None
