@@ -102,8 +102,11 @@ def pick_runs(records: list[dict]) -> list[dict]:
         on_select="rerun", selection_mode="multi-row", height=min(38 + 35 * len(shown), 300),
         selection_default={"selection": {"rows": [i for i, rid in enumerate(shown["id"]) if rid in wanted]}},
         column_config={"id": st.column_config.TextColumn("run id", help="the run's folder: unique where names collide"),
-                       "best_qwk": st.column_config.NumberColumn("best QWK", format="%.3f"),
-                       "best_acc": st.column_config.NumberColumn("best accuracy", format="percent"),
+                       "best_qwk": st.column_config.NumberColumn(
+                           "best val QWK", format="%.3f",
+                           help="val QWK at the chosen epoch (test QWK for runs made before the val split)"),
+                       "best_acc": st.column_config.NumberColumn("test accuracy", format="percent",
+                                                                 help="test accuracy at the chosen epoch"),
                        "image_size": st.column_config.NumberColumn("image px"),
                        "created": st.column_config.DatetimeColumn("created", format="MMM D, HH:mm")},
         column_order=["run", "id", *(c for c in shown.columns if c not in ("run", "id", "loss"))])

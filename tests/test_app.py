@@ -117,7 +117,9 @@ def test_page_renders_with_completed_and_failed_runs(page, data_in_use, runs_dir
         assert len(at.get("plotly_chart")) == 7  # ROC, reliability, 4 curve charts, the confusion matrices
         best = at.dataframe[1].value
         # newest first, all selected; same settings, so the folder name tells them apart
-        assert list(best["run"]) == [f"resnet18-scratch-classify-64px [{i}]" for i in ("c-failed", "b-done", "a-done")]
+        # the failed run's figures are its best epoch so far: marked provisional
+        assert list(best["run"]) == ["resnet18-scratch-classify-64px [c-failed] (provisional)",
+                                     "resnet18-scratch-classify-64px [b-done]", "resnet18-scratch-classify-64px [a-done]"]
         assert list(at.dataframe[0].value["id"]) == ["c-failed", "b-done", "a-done"]  # the run id is shown
         assert {"qwk", "ref_auc", "sens_at_90spec", "majority_acc"} <= set(best.columns)
         assert at.get("download_button")
