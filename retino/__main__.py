@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="grade photographs with a run's best checkpoint")
     p.add_argument("run_dir", help="the run folder (checkpoints/<run>) whose best checkpoint grades the photos")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="fundus photographs (.jpeg, .jpg, .png), one or more")
+    p.add_argument("images", nargs="+", help="fundus photographs (.jpeg, .jpg, .png), one or more")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list: grade, grade_name, probs (or score), run, checkpoint, epoch, cam")
     p.add_argument("--cam-dir", help="write <stem>_cam.png Grad-CAM overlays here, at each photo's own size")
