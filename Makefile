@@ -17,14 +17,18 @@ venv: $(VENV)/.stamp
 
 # synth.json is written last, so its presence means a complete data set.
 $(SYNTH)/synth.json: | $(VENV)/.stamp
+	@echo "First start: generating the synthetic data set in $(SYNTH) (2,000 images; about 1-2 minutes, once)."
 	$(PY) -m retino synth $(SYNTH)
 
 data: $(VENV)/.stamp $(SYNTH)/synth.json
 
+# Streamlit opens a browser where the machine has a display (.streamlit/config.toml leaves headless to it).
 run: data
+	@echo "Retino's dashboard: open http://localhost:8501 in a browser (Ctrl-C here stops it)."
 	$(PY) -m streamlit run app.py
 
 test: data
+	@echo "Running the whole test suite: it trains small models on the CPU, so expect tens of minutes."
 	$(PY) -m pytest -q tests
 
 clean-venv:

@@ -76,9 +76,12 @@ def load_records() -> list[dict]:
     infos = runs.list_runs()
     labels = compare.run_labels([r.name for r in infos], [r.id for r in infos],
                                 [r.config.get("train", {}) for r in infos])
-    return [{"label": label, "name": "" if r.name == r.id else r.name, "id": r.id, "state": r.state,
+    rows = {r.id: metrics_of(r.path) for r in infos}
+    notes = {r.id: dashboard.provisional_note(r, rows[r.id]) for r in infos}  # None once completed
+    return [{"label": f"{label} (provisional)" if notes[r.id] else label, "name": "" if r.name == r.id else r.name,
+             "id": r.id, "state": r.state, "note": notes[r.id],
              "config": r.config.get("train", {}), "tags": r.tags, "created": r.created, "path": r.path,
-             "problems": r.problems, "rows": metrics_of(r.path), "dataset": compare.dataset_label(r.config),
+             "problems": r.problems, "rows": rows[r.id], "dataset": compare.dataset_label(r.config),
              "code": r.config.get("code"), "data_fingerprint": r.config.get("data_fingerprint"),
              "full_config": r.config}
             for r, label in zip(infos, labels)]
@@ -102,8 +105,11 @@ def pick_runs(records: list[dict]) -> list[dict]:
         on_select="rerun", selection_mode="multi-row", height=min(38 + 35 * len(shown), 300),
         selection_default={"selection": {"rows": [i for i, rid in enumerate(shown["id"]) if rid in wanted]}},
         column_config={"id": st.column_config.TextColumn("run id", help="the run's folder: unique where names collide"),
-                       "best_qwk": st.column_config.NumberColumn("best QWK", format="%.3f"),
-                       "best_acc": st.column_config.NumberColumn("best accuracy", format="percent"),
+                       "best_qwk": st.column_config.NumberColumn(
+                           "best val QWK", format="%.3f",
+                           help="val QWK at the chosen epoch (test QWK for runs made before the val split)"),
+                       "best_acc": st.column_config.NumberColumn("test accuracy", format="percent",
+                                                                 help="test accuracy at the chosen epoch"),
                        "image_size": st.column_config.NumberColumn("image px"),
                        "created": st.column_config.DatetimeColumn("created", format="MMM D, HH:mm")},
         column_order=["run", "id", *(c for c in shown.columns if c not in ("run", "id", "loss"))])
@@ -122,6 +128,8 @@ def test_results(chosen: list[dict]) -> dict:
     st.subheader("On the test split, everything chosen on val")
     reports, evaluated = {}, {}
     for r in chosen:
+        if r["state"] not in dashboard.PREDICTABLE:  # a live or failed run's folder holds no final evaluation
+            continue
         stamp = dashboard.evaluation_stamp(r["path"])
         try:
             reports[r["id"]] = test_report(str(r["path"]), stamp)
@@ -137,6 +145,10 @@ def test_results(chosen: list[dict]) -> dict:
                "best point value among the selected runs (lowest ECE); overlapping intervals mean the gap may be "
                "noise: B vs A below says. Sensitivity and specificity of referable DR (grade ≥ 2) at each run's "
                "threshold, chosen on val for its target sensitivity.")
+    for r in chosen:
+        note = dashboard.calibration_note((reports.get(r["id"]) or {}).get("calibration"))
+        if note:
+            st.caption(f":orange[{r['label']}: {note}.]")
     for r in chosen:  # a live run is evaluated by its trainer when it completes
         if (reports.get(r["id"]) is None and r["id"] not in evaluated and r["state"] in dashboard.PREDICTABLE
                 and dashboard.checkpoint_stamp(r["path"])):
@@ -166,7 +178,7 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
     by_id = {r["id"]: r for r in chosen}
     ids = list(by_id)
     c1, c2 = st.columns(2)
-    name = lambda i: f"{by_id[i]['label']} · {i}"  # noqa: E731
+    name = lambda i: by_id[i]["label"]  # noqa: E731  (labels are unique; the folder would cut the text off)
     a = c1.selectbox("A", ids, index=min(1, len(ids) - 1), key="compare.a", format_func=name)
     b = c2.selectbox("B", ids, index=0, key="compare.b", format_func=name)
     if a == b:
@@ -174,7 +186,10 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
         return
     missing = [by_id[i]["label"] for i in (a, b) if i not in evaluated]
     if missing:
-        st.info(f"Not evaluated yet: {md_text(', '.join(missing))} (see above).", icon=":material/info:")
+        unfinished = [f"{md_text(by_id[i]['label'])}: {by_id[i]['note']}" for i in (a, b)
+                      if by_id[i]["state"] not in dashboard.PREDICTABLE]
+        st.info(f"Not compared: {'; '.join(unfinished)}. B vs A compares finished runs." if unfinished else
+                f"Not evaluated yet: {md_text(', '.join(missing))} (see above).", icon=":material/info:")
         return
     try:
         result = versus(str(by_id[a]["path"]), str(by_id[b]["path"]),
@@ -225,7 +240,7 @@ def gallery(chosen: list[dict], evaluated: dict) -> None:
                    "true grade: where label noise and failure modes show.")
         c1, c2 = st.columns([3, 2])
         rid = c1.selectbox("Run", list(by_id), key="compare.gallery_run",
-                           format_func=lambda i: f"{by_id[i]['label']} · {i}")
+                           format_func=lambda i: by_id[i]["label"])
         if not c2.toggle("Show the photos (runs the model)", key="compare.gallery"):
             return
         run = by_id[rid]
@@ -302,7 +317,11 @@ def confusion(with_rows: list[dict]) -> None:
 
 def seeds_and_settings(chosen: list[dict]) -> None:
     st.subheader("Seeds")
-    groups = compare.seed_groups(chosen)
+    finished = [r for r in chosen if not r["note"]]
+    left_out = [r["label"] for r in chosen if r["note"]]
+    if left_out:
+        st.caption(f"Left out of the seed averages, not finished: {', '.join(left_out)}.")
+    groups = compare.seed_groups(finished)
     if groups.empty:
         st.caption("No selected runs differ only by seed. Select runs with the same settings and different seeds "
                    "to see mean ± std of their best-epoch metrics.")
@@ -347,7 +366,7 @@ def manage(chosen: list[dict]) -> None:
     st.subheader("Rename, tag or delete")
     by_id = {r["id"]: r for r in chosen}
     target = by_id[st.selectbox("Run", list(by_id), key="compare.manage",
-                                format_func=lambda i: f"{by_id[i]['label']} · {i}")]
+                                format_func=lambda i: by_id[i]["label"])]
     with st.form("compare.meta", border=False):
         c1, c2 = st.columns(2)
         name = c1.text_input("Name", value=target["name"], placeholder=target["label"], key="compare.name")
@@ -390,6 +409,10 @@ def page() -> None:
         st.info("Select one or more runs in the table.", icon=":material/touch_app:")
         return
     for r in chosen:
+        if r["note"]:
+            later = "" if r["state"] in dashboard.PREDICTABLE else "; it is evaluated on test when it completes"
+            st.warning(f"{r['label']}: {r['note']}. Its figures below are its best epoch so far{later}.",
+                       icon=":material/hourglass_top:")
         for problem in r["problems"]:
             st.warning(md_text(f"{r['label']}: {problem}"), icon=":material/warning:")
         if not r["rows"]:

@@ -61,7 +61,12 @@ def load_report():
 def grades(report: dict) -> None:
     """Counts per split and the accuracy floor of always answering the majority grade."""
     splits = report["splits"]
-    st.caption(f"{md_text(report['path'])} · {report['layout']} layout · split: {report['split'].get('method', 'given')}")
+    st.caption(f"{md_text(report['path'])} · {report['layout']} layout · {settings.split_text(report['split'])}")
+    if settings.is_synthetic(report["path"]):
+        st.info("This is Retino's synthetic default data: fundus-like images Retino drew itself (`python -m "
+                "retino synth`), not photographs of eyes. It lets every page work on a fresh machine; figures on it "
+                "say nothing about real photos. Choose your own folder under **Switch data set** in the sidebar.",
+                icon=":material/science:")
     cols = st.columns(len(splits) + 1)
     for col, (split, s) in zip(cols, splits.items()):
         col.metric(f"{split} images", f"{s['n']:,}")

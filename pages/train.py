@@ -78,30 +78,35 @@ def missing_weights_text(missing: dict) -> str:
             f"seconds after starting. Download them on a machine with internet and place them at {where}.")
 
 
-def before_start(data_path: Path) -> None:
-    """What the form's runs need that is not there, and how long they take on a CPU: said before Start."""
+def before_start(data_path: Path) -> int | None:
+    """What the form's runs need that is not there, and how long they take on this CPU: said before Start.
+
+    Returns how many runs Start would launch (None while the form has a bad value), for its button.
+    """
     try:
         configs = configs_from_form(str(data_path))
     except ConfigError:
-        return  # Start shows the message
+        return None  # Start shows the message
     missing = plan.missing_weights(configs)
     if missing:
         st.warning(missing_weights_text(missing), icon=":material/warning:")
         if any(not plan.needs_missing_weights(c, missing) for c in configs):
             st.radio("Without the weights", list(WITHOUT_WEIGHTS), key="train.without_weights",
                      format_func=WITHOUT_WEIGHTS.get)
-        configs = [c for c in configs if not plan.needs_missing_weights(c, missing)]
+    configs = plan.runs_to_start(configs, missing, st.session_state.get("train.without_weights", "scratch"))
     cpu = [c for c in configs if plan.trains_on_cpu(c)]
     try:
         sizes = split_sizes(str(data_path), settings.folder_fingerprint(data_path))
     except DatasetError:
-        return
+        return len(configs)
     if cpu:
         n_eval = sizes.get("val", 0) + sizes.get("test", 0)
-        seconds = sum(plan.cpu_seconds(c, sizes.get("train", 0), n_eval) for c in cpu)
-        st.caption(f"On a CPU: {plan.duration_text(seconds)} for {len(cpu)} run{'s' if len(cpu) > 1 else ''} "
-                   f"({sizes.get('train', 0):,} training images x {cpu[0].epochs} epochs), from the "
-                   f"{plan.SOURCE}; the first run on a data set also builds its image cache.")
+        seconds, source = plan.estimate(cpu, sizes.get("train", 0), n_eval, runs.list_runs())
+        st.caption(f"On this CPU: {plan.duration_text(seconds)} for {len(cpu)} run{'s' if len(cpu) > 1 else ''} "
+                   f"({sizes.get('train', 0):,} training images x {cpu[0].epochs} epochs), from {source}; "
+                   "the first run on a data set also builds its image cache. Once a run starts, its card's "
+                   "ETA is measured as it goes.")
+    return len(configs)
 
 
 def start(data_path: Path) -> None:
@@ -112,12 +117,10 @@ def start(data_path: Path) -> None:
         st.error(md_text(e), icon=":material/error:")
         return
     missing = plan.missing_weights(configs)
-    if missing:
-        runnable = [c for c in configs if not plan.needs_missing_weights(c, missing)]
-        if not runnable or st.session_state.get("train.without_weights", "scratch") == "none":
-            st.error("Nothing started. " + missing_weights_text(missing), icon=":material/error:")
-            return
-        configs = runnable
+    configs = plan.runs_to_start(configs, missing, st.session_state.get("train.without_weights", "scratch"))
+    if not configs:
+        st.error("Nothing started. " + missing_weights_text(missing), icon=":material/error:")
+        return
     started = [jobs.launch(cfg) for cfg in configs]
     st.session_state["train.started"] = [p.name for p in started]
     st.session_state.pop("train.active", None)  # the monitor re-reads it without a second rerun
@@ -135,7 +138,8 @@ def form() -> None:
         st.selectbox("Preset", list(PRESETS), key="train.preset", on_change=apply_preset,
                      format_func=lambda k: PRESETS[k].label)
         n_runs = len(PRESETS[st.session_state["train.preset"]].runs)
-        before_start(data_path)
+        n_start = before_start(data_path)
+        n_start = n_runs if n_start is None else n_start
         with st.form("train-form"):
             st.caption(f"Data: {md_text(data_path)} (switch it above)")
             for name in MAIN:
@@ -149,15 +153,17 @@ def form() -> None:
             if n_runs > 1:
                 st.caption(f"Queues {n_runs} runs: architecture and pretrained vary; they train one after "
                            "another on the same device. A run name becomes `<name>-resnet18-scratch` and so on.")
-            submitted = st.form_submit_button(f"Start {n_runs} runs" if n_runs > 1 else "Start training",
-                                              type="primary", icon=":material/play_arrow:", key="train.start")
+            # the number it will start, pretrained runs held back for want of weights already taken off
+            label = "Start training" if n_runs == 1 and n_start == 1 else (
+                f"Start {n_start} of {n_runs} runs" if n_start < n_runs else f"Start {n_runs} runs")
+            submitted = st.form_submit_button(label, type="primary", icon=":material/play_arrow:", key="train.start")
         if submitted:
             start(data_path)
 
 
 # ----------------------------------------------------------------------------- monitoring
 
-def active_card(run: runs.RunInfo, label: str) -> None:
+def active_card(run: runs.RunInfo, label: str, holder: str | None = None) -> None:
     s, rows = run.status, runs.read_metrics(run.path)
     with st.container(border=True):
         head, stop = st.columns([5, 1], vertical_alignment="center")
@@ -165,7 +171,7 @@ def active_card(run: runs.RunInfo, label: str) -> None:
         if stop.button("Stop", key=f"stop-{run.id}", icon=":material/stop:"):
             st.toast(f"Asked {md_text(label)} to stop after this step" if jobs.stop(run.path)
                      else f"{md_text(label)} is not running any more")
-        fraction, text = dashboard.progress(s)
+        fraction, text = dashboard.progress(s, holder)
         st.progress(fraction, text=text)
         if run.state != "running":
             return
@@ -174,9 +180,11 @@ def active_card(run: runs.RunInfo, label: str) -> None:
         c[0].metric("images/s", f"{s['images_per_s']:.0f}" if s.get("images_per_s") else "–")
         c[1].metric("ETA", dashboard.clock(s.get("eta_s")))
         c[2].metric("train loss", f"{s['train_loss']:.3f}" if s.get("train_loss") is not None else "–")
-        c[3].metric("test accuracy", f"{100 * rows[-1]['test_acc']:.1f}%" if rows else "–")
-        c[4].metric(qwk.replace("_qwk", " QWK"), f"{rows[-1][qwk]:.3f}" if rows and rows[-1].get(qwk) is not None
-                    else "–", help=f"best so far {s['best_qwk']:.3f}" if s.get("best_qwk") is not None else None)
+        split = qwk.removesuffix("_qwk")  # the split the run is judged on while it trains: val (test: older runs)
+        last = rows[-1] if rows else None
+        c[3].metric(f"{split} accuracy", dashboard.value_text(last, split, "acc"))
+        c[4].metric(f"{split} QWK", dashboard.value_text(last, split),
+                    help=f"best so far {s['best_qwk']:.3f}" if s.get("best_qwk") is not None else None)
         steps = dashboard.step_log(run)
         if rows or steps:
             st.plotly_chart(charts.live_curves(rows, steps), key=f"live-{run.id}")
@@ -185,14 +193,12 @@ def active_card(run: runs.RunInfo, label: str) -> None:
 def finished_card(run: runs.RunInfo, label: str) -> None:
     s = run.status
     rows = runs.read_metrics(run.path)
-    best = compare.best_row(rows)
     icon = {"completed": ":green-badge[completed]", "failed": ":red-badge[failed]",
             "stopped": ":orange-badge[stopped]", "interrupted": ":orange-badge[interrupted]"}.get(
         run.state, f":gray-badge[{run.state}]")
     with st.container(border=True):
         text, action = st.columns([5, 1], vertical_alignment="center")
-        summary = (f"best epoch {best.get('epoch')}: QWK {best.get('test_qwk', float('nan')):.3f}, "
-                   f"accuracy {100 * best.get('test_acc', float('nan')):.1f}%" if best else "no finished epoch")
+        summary = dashboard.best_summary(rows)
         ago = dashboard.ago(time.time() - float(s.get("updated") or run.created))
         text.markdown(f"**{md_text(label)}** {icon} · {summary} · {len(rows)}/{s.get('epochs', '?')} epochs · {ago}  \n"
                       f"{md_text(run.id)}")
@@ -208,8 +214,11 @@ def finished_card(run: runs.RunInfo, label: str) -> None:
         if why_not:
             st.caption(md_text(why_not))
         elif run.state == "interrupted":
-            st.caption("Its process ended without saying so (killed, or the machine restarted). "
-                       "Resume continues from the last saved checkpoint.")
+            st.caption("Its process ended without saying so (killed, or the machine restarted): "
+                       f"{dashboard.resume_point(run, rows)}.")
+        elif run.state == "stopped":
+            point = dashboard.resume_point(run, rows)
+            st.caption(f"{point[0].upper()}{point[1:]}.")
         for problem in run.problems:
             st.warning(md_text(problem))
 
@@ -228,7 +237,8 @@ def monitor() -> None:
     if not active:
         st.caption("No run is training. Choose settings in the sidebar and press Start.")
     for run in active:
-        active_card(run, labels[run.id])
+        active_card(run, labels[run.id], dashboard.device_holder(run, all_runs, labels) if run.state == "queued"
+                    else None)
     finished = [r for r in all_runs if r.state not in runs.ACTIVE]
     if finished:
         st.subheader("Recent runs")

@@ -37,12 +37,13 @@ def cmd_synth(args) -> int:
 
 def cmd_stats(args) -> int:
     from .data import read_dataset, stats
+    from . import settings
     from .fileio import resolve_data_path
     report = stats(read_dataset(resolve_data_path(args.data_dir)), deep=args.deep)
     if args.json:
         _print_json(report)
         return 0
-    print(f"{report['path']}: layout {report['layout']} (split: {report['split'].get('method')})")
+    print(f"{report['path']}: layout {report['layout']} ({settings.split_text(report['split'])})")
     for split, s in report["splits"].items():
         cells = "  ".join(f"{g}: {c:>6} ({100 * sh:4.1f}%)" for g, (c, sh) in enumerate(zip(s["counts"], s["shares"])))
         print(f"  {split:<5} n={s['n']:<6} {cells}")
@@ -137,6 +138,7 @@ def _train_preset(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from . import dashboard
     from .evaluate import evaluate_run
     from .grades import GRADES, grade_label
     from .stats import format_interval
@@ -156,8 +158,9 @@ def cmd_evaluate(args) -> int:
     if op.get("threshold") is not None:
         print(f"  operating point  referable score >= {_num(op['threshold'], 3)} (chosen for sensitivity "
               f"{_num(op['target_sensitivity'], 2)})")
+    worse = dashboard.calibration_note(cal)
     print(f"  calibration      temperature {_num(cal['temperature'], 3)}, ECE {_num(cal['ece'], 3)} "
-          f"(before temperature {_num(cal['ece_before_temperature'], 3)})")
+          f"(before temperature {_num(cal['ece_before_temperature'], 3)})" + (f": {worse}" if worse else ""))
     base = r["majority_baseline"]
     print(f"  majority         always grade {base['grade']}: accuracy {_num(base['acc'], 3)}, QWK {_num(base['qwk'], 3)}")
     confusion = r["confusion"]
@@ -223,9 +226,15 @@ def _contrast(text: str) -> int | None:
     return grade
 
 
+# What --help prints: plain words (the module docstring is written for Sphinx, its ``backticks`` are not).
+DESCRIPTION = ("Retino: train, compare and explain diabetic-retinopathy grading models, and screen folders of "
+               "fundus photos. Bad arguments or data exit with status 2 and a one-line message.")
+EPILOG = "Run python -m retino VERB --help for a verb's options; the dashboard is started with make run."
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
-    parser = _Parser(prog="python -m retino", description=__doc__)
+    parser = _Parser(prog="python -m retino", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="verb", required=True)  # subparsers are _Parser too
 
     p = sub.add_parser("synth", help="write the synthetic fundus data set")
@@ -264,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="grade photographs with a run's best checkpoint")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("run_dir", help="the run folder (checkpoints/<run>) whose best checkpoint grades the photos")
+    p.add_argument("images", nargs="+", help="fundus photographs (.jpeg, .jpg, .png), one or more")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list: grade, grade_name, probs (or score), run, checkpoint, epoch, cam")
     p.add_argument("--cam-dir", help="write <stem>_cam.png Grad-CAM overlays here, at each photo's own size")

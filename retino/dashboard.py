@@ -107,7 +107,16 @@ def read_test_report(run_dir) -> dict | None:
 
 def evaluate_once(run_dir) -> dict:
     """Evaluate a run made before test.json existed: its checkpoint on its test split once (slow: runs the
-    model), predictions.csv and evaluation.json saved (choices marked as made on test), then its report."""
+    model), predictions.csv and evaluation.json saved (choices marked as made on test), then its report.
+
+    Raises:
+        RunError: the run is not finished (training, queued or failed): its folder is its trainer's, and
+            an evaluation written there would be taken for the run's final one.
+    """
+    run = runs.load_run(Path(run_dir))
+    if run.state not in PREDICTABLE:
+        raise runs.RunError(f"{run.id} is {run.state}, not finished: it is evaluated when it completes, "
+                            "not before")
     table, chosen = evaluate.ensure_predictions(run_dir)
     return evaluate.report(table, chosen, split="test", epoch=chosen.get("epoch"))
 
@@ -183,13 +192,17 @@ def can_resume(run: runs.RunInfo) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------- live runs
 
-def progress(status: dict) -> tuple[float, str]:
-    """A live run's progress bar: (fraction done, what it is doing)."""
+def progress(status: dict, holder: str | None = None) -> tuple[float, str]:
+    """A live run's progress bar: (fraction done, what it is doing).
+
+    ``holder``: the label of the run a queued run waits for (:func:`device_holder`), named in the text.
+    """
     state, phase = status.get("state"), status.get("phase")
     if state == "starting" or (state == "queued" and not status.get("started")):
         return 0.0, "starting: loading the data and the model"
     if state == "queued":
-        return 0.0, "queued: waiting for the device (another run is training on it)"
+        who = f"`{holder}` is training on it" if holder else "another run is training on it"
+        return 0.0, f"queued: waiting for the device ({who}); it starts when that run ends"
     epochs = max(int(status.get("epochs") or 1), 1)
     epoch, step = int(status.get("epoch") or 0), int(status.get("step") or 0)
     steps = status.get("steps")
@@ -218,3 +231,136 @@ def ago(seconds: float) -> str:
             n = int(seconds // size)
             return f"{n} {unit}{'s' if unit == 'day' and n > 1 else ''} ago"
     return "just now"
+
+
+def device_holder(run: runs.RunInfo, infos, labels: dict | None = None) -> str | None:
+    """The label (else id) of the run training on the device ``run`` queues for; None when none is seen.
+
+    Runs on one device take turns (``lifecycle.device_queue``); the device is config.json's, where a
+    run has not written it yet any running run is taken to hold it.
+    """
+    device = run.config.get("device")
+    for other in infos:
+        if other.id != run.id and other.state == "running" and (
+                device is None or other.config.get("device") in (None, device)):
+            return (labels or {}).get(other.id, other.id)
+    return None
+
+
+# ----------------------------------------------------------------------------- words for figures
+
+SPLIT_METRICS = {"qwk": ("QWK", "{:.3f}"), "acc": ("accuracy", "{:.1%}")}
+
+
+def value_text(row: dict | None, split: str, metric: str = "qwk") -> str:
+    """A metric row's ``<split>_<metric>`` as text (``0.953``, ``91.2%``); a dash when it has none."""
+    value = (row or {}).get(f"{split}_{metric}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return SPLIT_METRICS[metric][1].format(value) if ok else "–"
+
+
+def figure(row: dict | None, split: str, metric: str = "qwk") -> str:
+    """One figure named with its split, the same way on every page: ``val QWK 0.953``, ``test accuracy 91.2%``."""
+    return f"{split} {SPLIT_METRICS[metric][0]} {value_text(row, split, metric)}"
+
+
+def best_summary(rows) -> str:
+    """A run's chosen epoch with its figures, each naming its split: what the Train card says."""
+    row = runs.best_row(rows)
+    if not row:
+        return "no finished epoch"
+    on = runs.selected_on(rows)
+    figures = [figure(row, "val"), figure(row, "test"), figure(row, "test", "acc")] if on == "val" else \
+        [figure(row, "test"), figure(row, "test", "acc")]
+    return f"best epoch {row.get('epoch')} (chosen on {on}): " + ", ".join(figures)
+
+
+def picker_label(label: str, state: str, rows) -> str:
+    """A run picker's line: ``resnet18-demo · completed · val QWK 0.953`` (the QWK the run was chosen by).
+
+    Short on purpose, so a narrow select box shows it whole; the folder name goes in the caption below.
+    """
+    return f"{label} · {state} · {figure(runs.best_row(rows), runs.selected_on(rows))}"
+
+
+def probability_text(p) -> str:
+    """A probability for people: ``0.734``, ``<0.001`` and ``>0.999`` rather than ``0.00000000000006``."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p):
+        return "–"
+    if p < 0.001:
+        return "<0.001"
+    return ">0.999" if p > 0.999 else f"{p:.3f}"
+
+
+def calibration_note(calibration: dict | None) -> str | None:
+    """A sentence when the temperature fitted on val made test calibration worse (ECE after > before); else None.
+
+    Temperature scaling is fitted on val only, so on a small or shifted test split it can miss: a user
+    reading "calibrated probabilities" should know when it did.
+    """
+    cal = calibration or {}
+    before, after = cal.get("ece_before_temperature"), cal.get("ece")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)) or after <= before:
+        return None
+    return (f"temperature scaling did not help on test: ECE {before:.3f} before, {after:.3f} after "
+            f"(temperature {cal.get('temperature', float('nan')):.2f}, fitted on val)")
+
+
+# ----------------------------------------------------------------------------- unfinished runs
+
+def _epochs_of(run: runs.RunInfo, rows) -> tuple[int, object]:
+    """(the epoch it is in or stopped in, the epochs planned) from its status, else its metric rows."""
+    s = run.status
+    epoch = s.get("epoch")
+    epoch = int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and epoch > 0 \
+        else len(rows or []) + (run.state in runs.ACTIVE)
+    return epoch, s.get("epochs") or run.config.get("train", {}).get("epochs") or "?"
+
+
+def provisional_note(run: runs.RunInfo, rows) -> str | None:
+    """Why a run's figures are not final (``still training, epoch 3 of 6: provisional``); None when completed."""
+    if run.state == "completed":
+        return None
+    epoch, epochs = _epochs_of(run, rows)
+    if run.state in ("starting", "queued"):
+        return f"{run.state}, no epoch trained yet: nothing to compare"
+    what = {"running": "still training", "failed": "failed"}.get(run.state, run.state)
+    where = f"epoch {epoch} of {epochs}" if run.state == "running" else f"in epoch {epoch} of {epochs}"
+    return f"{what}, {where}: provisional, its best epoch so far"
+
+
+def resume_point(run: runs.RunInfo, rows) -> str:
+    """Where a stopped or interrupted run is, and where Resume continues it.
+
+    A stop saves the epoch as far as it got (step included), so Resume continues that epoch at that
+    step; a process killed without a stop only has the checkpoint of its last finished epoch.
+    """
+    s = run.status
+    epochs = s.get("epochs") or run.config.get("train", {}).get("epochs") or "?"
+    done = len(rows or [])
+    epoch, step, steps = (s.get(k) for k in ("epoch", "step", "steps"))
+    if run.state == "stopped" and isinstance(epoch, int) and epoch > 0 and isinstance(step, int):
+        if isinstance(steps, int) and step >= steps:
+            return f"stopped after epoch {epoch} of {epochs}: Resume continues from epoch {epoch + 1}"
+        of = f" of {steps}" if isinstance(steps, int) else ""
+        return (f"stopped in epoch {epoch} of {epochs} at step {step}{of}: Resume continues epoch {epoch} "
+                f"from step {step}")
+    verb = "stopped" if run.state == "stopped" else "ended"
+    if not done:
+        return f"{verb} before its first epoch finished: Resume starts from epoch 1"
+    return f"{verb} after epoch {done} of {epochs}: Resume continues from epoch {done + 1}"
+
+
+def explain_note(explained: int, grade: int) -> str | None:
+    """Why a Grad-CAM map of grade 0 is (nearly) empty, and what to ask instead; None for other grades.
+
+    Grade 0 is the absence of lesions, so nothing in a photo raises its score in one place: its map
+    has little to point at, whichever grade the photo got. Explaining the referable grade (2) shows
+    what, if anything, pushes the photo towards referral.
+    """
+    if explained != 0:
+        return None
+    got = "this photo's grade" if grade == 0 else f"not this photo's grade ({grade})"
+    return ("Grade 0 (no DR) is " + got + ": it means no lesions, so no spot raises it and its map is mostly "
+            "empty. Explain grade 2 (moderate, the first referable grade) to see what pushes this photo "
+            "towards referral.")

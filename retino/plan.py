@@ -1,4 +1,4 @@
-"""Before runs start: which need ImageNet weights that are not on disk, and how long they take on a CPU.
+"""Before runs start: which need ImageNet weights that are not on disk, and how long they take on this CPU.
 
 The Train page asks here before it launches a preset (and ``train --preset`` may too), so a run that
 would fail seconds later for want of a weights file, or take a day on a laptop, is known up front.
@@ -61,12 +61,58 @@ def cpu_images_per_s(arch: str, image_size: int) -> float:
     return CPU_TRAIN_IMAGES_PER_S[(arch, ref)] * (ref / image_size) ** 2
 
 
-def cpu_seconds(cfg: TrainConfig, n_train: int, n_eval: int) -> float:
-    """Seconds ``cfg`` takes on the measured CPU: every epoch trains on ``n_train`` images and
-    evaluates ``n_eval`` (val and test; the trainer evaluates both each epoch). The cache build is
-    not included."""
-    rate = cpu_images_per_s(cfg.arch, cfg.image_size)
+def measured_images_per_s(arch: str, image_size: int, infos) -> tuple[float, str] | None:
+    """Training images/s this machine reached lately: the newest finished CPU run of ``arch`` that
+    recorded a rate, scaled to ``image_size`` by pixel count; with the run it came from. None: no such run.
+
+    What this machine does now (its cores, its load, other sessions on it) decides a run's time far
+    more than the reference CPU: a demo estimated at 3 min from BENCHMARKS.md took 50 on a loaded
+    machine, while the trainer's own rate was right. ``infos``: ``runs.list_runs()``, newest first.
+    """
+    for run in infos:
+        rate, size = run.status.get("images_per_s"), run.config.get("train", {}).get("image_size")
+        if (run.state in ("completed", "stopped") and run.config.get("device") == "cpu"
+                and run.config.get("train", {}).get("arch") == arch
+                and isinstance(rate, (int, float)) and rate > 0 and isinstance(size, int) and size > 0):
+            return rate * (size / image_size) ** 2, run.id
+    return None
+
+
+def cpu_seconds(cfg: TrainConfig, n_train: int, n_eval: int, rate: float | None = None) -> float:
+    """Seconds ``cfg`` takes on a CPU: every epoch trains on ``n_train`` images and evaluates ``n_eval``
+    (val and test; the trainer evaluates both each epoch). ``rate``: training images/s, measured on this
+    machine (:func:`measured_images_per_s`); the reference CPU's when None. The cache build is not included."""
+    rate = rate or cpu_images_per_s(cfg.arch, cfg.image_size)
     return cfg.epochs * (n_train / rate + n_eval / (EVAL_SPEEDUP * rate))
+
+
+def estimate(configs: list[TrainConfig], n_train: int, n_eval: int, infos) -> tuple[float, str]:
+    """Seconds ``configs`` take one after another on this CPU, and where the rates come from, in words."""
+    seconds, measured, reference = 0.0, set(), False
+    for cfg in configs:
+        found = measured_images_per_s(cfg.arch, cfg.image_size, infos)
+        if found:
+            measured.add(found[1])
+        else:
+            reference = True
+        seconds += cpu_seconds(cfg, n_train, n_eval, found[0] if found else None)
+    parts = []
+    if measured:
+        parts.append(f"the images/s this machine reached in {', '.join(f'`{m}`' for m in sorted(measured))}")
+    if reference:
+        parts.append(f"the {SOURCE} (no finished run of that model here yet; a loaded machine is slower)")
+    return seconds, " and ".join(parts)
+
+
+def runs_to_start(configs: list[TrainConfig], missing: dict[str, str], without_weights: str = "scratch"
+                  ) -> list[TrainConfig]:
+    """The runs Start launches: all of ``configs``, less those needing missing weights (or none at all
+    when the user chose to start nothing without them), so the button and the estimate count the same."""
+    if not missing:
+        return list(configs)
+    if without_weights == "none":
+        return []
+    return [c for c in configs if not needs_missing_weights(c, missing)]
 
 
 def duration_text(seconds: float) -> str:

@@ -373,8 +373,8 @@ def _not_fundus(sc: dict, L: Limits) -> list[str]:
     if "share" not in sc:
         return [f"no fundus field: nothing brighter than {L.dark_level:.3f} on the photo"]
     if "roundness" not in sc:   # fewer than 20 edge pixels away from the frame: nothing round to fit
-        return [f"no round fundus field on a dark background: the bright area covers {sc['share']:.3g} "
-                f"of the frame and its edge is the frame's"]
+        return [f"no round fundus field on a dark background: the bright area covers "
+                f"{'under 1%' if sc['share'] < 0.01 else format(sc['share'], '.0%')} of the frame and its edge is the frame's"]
     checks = [("no round fundus edge", "share of the circle with an edge", "arc", ">=", L.nf_arc),
               ("no round fundus field", "circle diameter / frame", "diameter", "<=", L.nf_diameter),
               ("fundus field too small", "share of the frame", "share", ">=", L.nf_share),

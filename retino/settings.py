@@ -80,3 +80,24 @@ def folder_fingerprint(path) -> tuple:
     except OSError:  # vanished or unreadable: the key still differs from the readable folder's
         return (str(root), None)
     return (str(root), tuple(sorted(marks)))
+
+
+def is_synthetic(path) -> bool:
+    """Whether the folder at ``path`` is a set Retino drew itself (``synth`` writes ``synth.json`` last)."""
+    return (Path(path) / "synth.json").is_file()
+
+
+def split_text(split: dict) -> str:
+    """How a data set's splits came about, in words, from ``Dataset.split`` (as ``stats`` reports it).
+
+    ``val_given`` decides the val half: a val carved from train is never called "given".
+    """
+    test = ("train and test given" if split.get("method", "given") == "given" else
+            f"test cut from the labelled photos by patient ({split.get('test_fraction', 0.2):.0%}, "
+            f"seed {split.get('seed', 0)})")
+    if split.get("val_given"):
+        return f"{test}, val given"
+    if "val_fraction" not in split:
+        return test
+    return (f"{test}, val carved from train by patient ({float(split['val_fraction']):.0%} of its patients, "
+            f"seed {split.get('val_seed', 0)})")

@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import time
+import tomllib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -115,7 +117,9 @@ def test_page_renders_with_completed_and_failed_runs(page, data_in_use, runs_dir
         assert len(at.get("plotly_chart")) == 7  # ROC, reliability, 4 curve charts, the confusion matrices
         best = at.dataframe[1].value
         # newest first, all selected; same settings, so the folder name tells them apart
-        assert list(best["run"]) == [f"resnet18-scratch-classify-64px [{i}]" for i in ("c-failed", "b-done", "a-done")]
+        # the failed run's figures are its best epoch so far: marked provisional
+        assert list(best["run"]) == ["resnet18-scratch-classify-64px [c-failed] (provisional)",
+                                     "resnet18-scratch-classify-64px [b-done]", "resnet18-scratch-classify-64px [a-done]"]
         assert list(at.dataframe[0].value["id"]) == ["c-failed", "b-done", "a-done"]  # the run id is shown
         assert {"qwk", "ref_auc", "sens_at_90spec", "majority_acc"} <= set(best.columns)
         assert at.get("download_button")
@@ -261,8 +265,8 @@ def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launch
     # 10 epochs at 512 px, from the measured 2-core CPU rates (BENCHMARKS.md)
     per_epoch = {a: n_train / r + n_eval / (plan.EVAL_SPEEDUP * r) for a, r in (("resnet18", 3.9), ("resnet50", 1.3))}
     expected = plan.duration_text(2 * 10 * (per_epoch["resnet18"] + per_epoch["resnet50"]))
-    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On a CPU"))
-    assert f"On a CPU: {expected} for 4 runs" in note and "BENCHMARKS.md" in note
+    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
+    assert f"On this CPU: {expected} for 4 runs" in note and "BENCHMARKS.md" in note
 
 
 def test_train_page_shows_whether_weights_are_offline(data_in_use, runs_dir, monkeypatch):
@@ -417,3 +421,125 @@ def test_a_data_set_that_breaks_while_in_use_keeps_the_sidebar(page, runs_dir, t
     assert "Switch data set" in [e.label for e in at.sidebar.expander]
     if page == "pages/data.py":
         assert any("self.jpeg" in df.value.to_csv() for df in at.dataframe)  # listed as a problem
+
+
+# ----------------------------------------------------------------------------- what a new user trips over
+
+def test_item1_compare_marks_a_running_run_and_never_scores_it_as_finished(data_in_use, runs_dir, trained_run):
+    """A live run carrying an evaluation (as one written into it by hand would) is shown provisional, not compared."""
+    add_run(trained_run, runs_dir, "done", created=1.0)
+    live = add_run(trained_run, runs_dir, "live", created=2.0, state="running", pid=os.getpid(), epoch=1, step=3,
+                   steps=4, epochs=6)
+    config = json.loads((live / "config.json").read_text())
+    config["train"]["seed"] = 1  # otherwise the same settings: a seed pair
+    (live / "config.json").unlink()
+    runs.write_json(live / "config.json", config)
+    before = {name: (live / name).stat().st_mtime_ns for name in ("test.json", "evaluation.json", "predictions.csv")}
+    at = app("pages/compare.py", **{"compare.selected": ["done", "live"], "compare.a": "done", "compare.b": "live"})
+    text = texts(at)
+    assert "still training, epoch 1 of 6: provisional" in text
+    assert "Not compared:" in text and "B vs A compares finished runs" in text
+    assert not [b for b in at.button if b.key == "compare.evaluate.live"]
+    assert "Left out of the seed averages, not finished:" in text and "(provisional)" in text
+    results = at.table[0].value  # the test-results table: the live run has no test figures
+    assert not any("(provisional)" in str(row) and "±" in " ".join(map(str, row)) for row in results.itertuples())
+    assert {name: (live / name).stat().st_mtime_ns for name in before} == before  # nothing written into it
+
+
+def test_item2_train_cards_name_the_split_of_every_figure(data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "done")
+    add_run(trained_run, runs_dir, "live", state="running", pid=os.getpid(), epoch=2, step=1, steps=3, epochs=4)
+    at = app("pages/train.py")
+    text = texts(at)
+    assert "(chosen on val): val QWK " in text and ", test QWK " in text and ", test accuracy " in text
+    labels = [m.label for m in at.metric]
+    assert "val accuracy" in labels and "val QWK" in labels and "test accuracy" not in labels
+
+
+def test_item3_lab_preset_button_and_estimate_count_the_same_runs(data_in_use, runs_dir, launched, weights_on_disk):
+    weights_on_disk.have = {"resnet18"}
+    at = app("pages/train.py")
+    at.sidebar.selectbox(key="train.preset").select("lab-report").run()
+    at.selectbox(key="cfg.device").set_value("cpu")
+    at.button(key="train.start").click().run()
+    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
+    assert " for 3 runs " in note and at.button(key="train.start").label == "Start 3 of 4 runs"
+    assert len(launched) == 3
+
+
+def test_item3_estimate_uses_this_machines_last_run(data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "measured")  # a finished CPU run of resnet18 at 64 px, with its images/s
+    at = app("pages/train.py")
+    at.selectbox(key="cfg.device").set_value("cpu")
+    at.button(key="train.start").click().run()
+    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
+    assert "this machine reached in `measured`" in note and "BENCHMARKS.md" not in note
+
+
+def test_item4_stopped_card_says_where_resume_continues(data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "halted", state="stopped", epoch=2, step=1, steps=3, epochs=2)
+    text = texts(app("pages/train.py"))
+    assert "Stopped in epoch 2 of 2 at step 1 of 3: Resume continues epoch 2 from step 1." in text
+
+
+def test_item4_queue_message_names_the_run_it_waits_for(data_in_use, runs_dir, trained_run):
+    add_run(trained_run, runs_dir, "first", created=1.0, state="running", pid=os.getpid(), epoch=1, step=1, steps=3,
+            epochs=2)
+    add_run(trained_run, runs_dir, "second", created=2.0, state="queued", pid=os.getpid(), started=1.7e9)
+    texts_ = [p.proto.text for p in app("pages/train.py").get("progress")]
+    queued = next(t for t in texts_ if t.startswith("queued"))
+    assert "is training on it" in queued and "`first`" not in queued  # named by its label, not a placeholder
+    label = runs.load_run(runs_dir / "first").config["train"]
+    assert TrainConfig.from_dict({**label, "name": ""}).display_name() in queued
+
+
+def test_item5_data_page_says_split_and_synthetic_in_words(data_in_use, runs_dir):
+    text = texts(app())
+    assert "val carved from train by patient (10% of its patients, seed 0)" in text and "split: given" not in text
+    assert "synthetic default data" in text
+
+
+def test_item5_compare_says_when_calibration_did_not_help(data_in_use, runs_dir, trained_run):
+    path = add_run(trained_run, runs_dir, "cal")
+    report = json.loads((path / "test.json").read_text())
+    report["calibration"].update(ece_before_temperature=0.019, ece=0.029, temperature=3.11)
+    (path / "test.json").unlink()
+    runs.write_json(path / "test.json", report)
+    text = texts(app("pages/compare.py", **{"compare.selected": ["cal"]}))
+    assert "temperature scaling did not help on test: ECE 0.019 before, 0.029 after" in text
+
+
+def test_item5_cli_help_has_no_backticks_and_predict_explains_its_arguments():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "``" not in top.stdout and "python -m retino VERB --help" in top.stdout
+    predict = run_cli("predict", "--help").stdout
+    assert "the run folder" in predict and "fundus photographs" in predict
+
+
+def test_item5_evaluate_says_when_calibration_did_not_help(runs_dir, trained_run):
+    path = add_run(trained_run, runs_dir, "cal")
+    table = pd.read_csv(path / "predictions.csv")
+    chosen = json.loads((path / "evaluation.json").read_text())
+    # a temperature far from the fitted one makes test calibration worse than none
+    (path / "evaluation.json").unlink()
+    runs.write_json(path / "evaluation.json", {**chosen, "temperature": 25.0})
+    out = run_cli("evaluate", path)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.strip().startswith("calibration"))
+    assert ": temperature scaling did not help on test: ECE" in line
+    assert len(table) > 0
+
+
+def test_item6_make_run_says_where_to_go_and_a_display_opens_a_browser():
+    make = (REPO / "Makefile").read_text()
+    run_target = make.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "http://localhost:8501" in run_target and "echo" in run_target
+    assert "about 1-2 minutes" in make  # the first start's data set, said before it is made
+    conf = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert "headless" not in conf["server"] and conf["server"]["showEmailPrompt"] is False
+
+
+def test_item6_export_check_prints_no_torchscript_deprecation(runs_dir, trained_run, tmp_path):
+    out = run_cli("export", add_run(trained_run, runs_dir, "exp"), "--format", "torchscript", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "deprecated" not in out.stderr and (tmp_path / "model.pt").is_file()

@@ -1,6 +1,7 @@
 """retino.dashboard and retino.plan on hand-made run folders: no training, no Streamlit."""
 import json
 import math
+import time
 
 import pytest
 
@@ -109,3 +110,122 @@ def test_missing_weights_only_for_pretrained_runs_without_a_file(monkeypatch):
     missing = plan.missing_weights(configs + [needing])
     assert missing == {"resnet50": "/hub/resnet50.pth"}
     assert [plan.needs_missing_weights(c, missing) for c in configs + [needing]] == [False, False, False, True]
+
+
+# ----------------------------------------------------------------------------- what a new user trips over
+
+def test_item1_unfinished_runs_are_marked_provisional(tmp_path):
+    import os
+    rows = [{"epoch": e, "val_qwk": 0.5} for e in (1, 2)]
+    live = make_run(tmp_path, "live", state="running", pid=os.getpid(), updated=time.time(), rows=rows, epoch=3, epochs=6)
+    assert dashboard.provisional_note(live, rows) == "still training, epoch 3 of 6: provisional, its best epoch so far"
+    failed = make_run(tmp_path, "failed", state="failed", rows=rows[:1], epoch=2, epochs=6)
+    assert dashboard.provisional_note(failed, rows[:1]).startswith("failed, in epoch 2 of 6: provisional")
+    queued = make_run(tmp_path, "queued", state="queued", pid=os.getpid(), updated=time.time(), epochs=6)
+    assert "nothing to compare" in dashboard.provisional_note(queued, [])
+    assert dashboard.provisional_note(make_run(tmp_path, "done", rows=rows, epochs=2), rows) is None
+
+
+def test_item1_a_running_run_is_never_evaluated_into_its_own_folder(tmp_path):
+    import os
+    live = make_run(tmp_path, "live", state="running", pid=os.getpid(), updated=time.time(), rows=[{"epoch": 1, "val_qwk": 0.5}],
+                    epoch=2, epochs=6)
+    runs.save_checkpoint(live.path / "best.pt", {"model": {}})
+    with pytest.raises(runs.RunError, match="live is running, not finished"):
+        dashboard.evaluate_once(live.path)
+    assert not any((live.path / name).exists() for name in dashboard.EVALUATION_FILES)
+
+
+def test_item2_every_figure_names_its_split():
+    rows = [{"epoch": 1, "val_qwk": 0.9, "test_qwk": 0.95, "test_acc": 0.8},
+            {"epoch": 2, "val_qwk": 0.953, "test_qwk": 0.969, "test_acc": 0.912}]
+    assert dashboard.best_summary(rows) == ("best epoch 2 (chosen on val): val QWK 0.953, test QWK 0.969, "
+                                            "test accuracy 91.2%")
+    older = [{"epoch": 1, "test_qwk": 0.7, "test_acc": 0.6}]  # made before runs had a val split
+    assert dashboard.best_summary(older) == "best epoch 1 (chosen on test): test QWK 0.700, test accuracy 60.0%"
+    assert dashboard.best_summary([]) == "no finished epoch"
+    assert dashboard.picker_label("demo", "completed", rows) == "demo · completed · val QWK 0.953"
+    assert dashboard.figure(None, "val") == "val QWK –" and dashboard.value_text(rows[0], "test", "acc") == "80.0%"
+
+
+def _cpu_run(root, name, *, arch, size, rate, state="completed", device="cpu"):
+    path = root / name
+    path.mkdir(parents=True)
+    runs.write_json(path / "config.json", {"train": {**TrainConfig().to_dict(), "arch": arch, "image_size": size},
+                                           "device": device, "created": 0})
+    runs.write_json(path / "status.json", {"state": state, "images_per_s": rate})
+    return runs.load_run(path)
+
+
+def test_item3_estimates_come_from_what_this_machine_measured(tmp_path):
+    infos = [_cpu_run(tmp_path, "gpu", arch="resnet18", size=128, rate=900.0, device="cuda"),  # newest first
+             _cpu_run(tmp_path, "failed", arch="resnet18", size=128, rate=50.0, state="failed"),
+             _cpu_run(tmp_path, "r18", arch="resnet18", size=128, rate=4.0),
+             _cpu_run(tmp_path, "older", arch="resnet18", size=128, rate=40.0)]
+    rate, source = plan.measured_images_per_s("resnet18", 256, infos)
+    assert rate == pytest.approx(4.0 / 4) and source == "r18"  # a quarter of the pixels' rate at twice the side
+    assert plan.measured_images_per_s("resnet50", 256, infos) is None
+    cfg = TrainConfig(arch="resnet18", image_size=128, epochs=3)
+    seconds, said = plan.estimate([cfg], 400, 90, infos)
+    assert seconds == pytest.approx(3 * (400 / 4.0 + 90 / (plan.EVAL_SPEEDUP * 4.0))) and "`r18`" in said
+    seconds, said = plan.estimate([TrainConfig(arch="resnet50", image_size=224, epochs=1)], 62, 0, infos)
+    assert seconds == pytest.approx(10.0) and "BENCHMARKS.md" in said and "no finished run" in said
+
+
+def test_item3_the_button_counts_what_start_launches(monkeypatch):
+    from retino.config import expand_preset
+    configs = expand_preset("lab-report", TrainConfig())
+    missing = {"resnet18": "/hub/r18.pth", "resnet50": "/hub/r50.pth"}
+    assert len(plan.runs_to_start(configs, {}, "scratch")) == 4
+    assert [c.pretrained for c in plan.runs_to_start(configs, missing, "scratch")] == [False, False]
+    assert plan.runs_to_start(configs, missing, "none") == []
+
+
+def test_item4_a_stopped_run_says_where_resume_continues(tmp_path):
+    rows = [{"epoch": e, "val_qwk": 0.5} for e in (1, 2)]
+    mid = make_run(tmp_path, "mid", state="stopped", rows=rows, epoch=3, step=40, steps=100, epochs=6)
+    assert dashboard.resume_point(mid, rows) == ("stopped in epoch 3 of 6 at step 40 of 100: Resume continues "
+                                                 "epoch 3 from step 40")
+    end = make_run(tmp_path, "end", state="stopped", rows=rows, epoch=2, step=100, steps=100, epochs=6)
+    assert dashboard.resume_point(end, rows).endswith("Resume continues from epoch 3")
+    early = make_run(tmp_path, "early", state="stopped", epoch=0, step=0, epochs=6)
+    assert dashboard.resume_point(early, []) == "stopped before its first epoch finished: Resume starts from epoch 1"
+    killed = make_run(tmp_path, "killed", state="interrupted", rows=rows, epoch=3, step=7, epochs=6)
+    assert dashboard.resume_point(killed, rows) == "ended after epoch 2 of 6: Resume continues from epoch 3"
+
+
+def test_item4_the_queue_message_names_the_run_it_waits_for(tmp_path):
+    import os
+    holder = make_run(tmp_path, "holder", state="running", pid=os.getpid(), updated=time.time())
+    waiting = make_run(tmp_path, "waiting", state="queued", pid=os.getpid(), updated=time.time(), started=1.0)
+    assert dashboard.device_holder(waiting, [holder, waiting], {"holder": "resnet18-demo"}) == "resnet18-demo"
+    _, text = dashboard.progress(waiting.status, "resnet18-demo")
+    assert text.startswith("queued: waiting for the device (`resnet18-demo` is training on it)")
+    assert dashboard.device_holder(waiting, [waiting]) is None
+
+
+@pytest.mark.parametrize("split, text", [
+    ({"method": "given", "val_method": "given", "val_given": True}, "train and test given, val given"),
+    ({"val_method": "stratified-by-patient", "val_fraction": 0.1, "val_seed": 0, "val_given": False},
+     "train and test given, val carved from train by patient (10% of its patients, seed 0)"),
+    ({"method": "stratified-by-patient", "seed": 0, "test_fraction": 0.2, "val_fraction": 0.15, "val_given": False},
+     "test cut from the labelled photos by patient (20%, seed 0), val carved from train by patient (15%"),
+])
+def test_item5_split_given_only_when_val_was_given(split, text):
+    from retino import settings
+    assert settings.split_text(split).startswith(text)
+
+
+def test_item5_small_probabilities_and_unhelpful_calibration_in_words():
+    assert [dashboard.probability_text(p) for p in (6e-14, 0.0004, 0.25, 0.9996, None)] == [
+        "<0.001", "<0.001", "0.250", ">0.999", "–"]
+    note = dashboard.calibration_note({"temperature": 3.11, "ece": 0.029, "ece_before_temperature": 0.019})
+    assert note.startswith("temperature scaling did not help on test: ECE 0.019 before, 0.029 after")
+    assert dashboard.calibration_note({"temperature": 1.2, "ece": 0.01, "ece_before_temperature": 0.02}) is None
+    assert dashboard.calibration_note({"ece": None, "ece_before_temperature": 0.02}) is None
+
+
+def test_item5_explaining_grade_0_says_why_its_map_is_empty():
+    assert "Explain grade 2" in dashboard.explain_note(0, 0) and "this photo's grade" in dashboard.explain_note(0, 0)
+    assert "not this photo's grade (3)" in dashboard.explain_note(0, 3)
+    assert dashboard.explain_note(2, 0) is None
