@@ -4,8 +4,10 @@ Files: ``config.json`` (written once), ``metrics.jsonl`` (one line per epoch, ap
 ``status.json`` (state and heartbeat, replaced atomically), ``last.pt`` (a plain dict with the optimizer
 state, for resuming) and ``best.pt`` (weights, config and normalisation only, for predicting), each
 written to a temporary file and renamed, ``meta.json`` (display name and tags, user-editable),
-``train.log`` (the process's output). Every write is whole or absent, so a kill at any moment leaves
-a folder that reads.
+``train.log`` (timestamped lines as the run goes, and the dashboard trainer's own output). The final
+evaluation adds ``predictions.csv``, ``evaluation.json``, ``test.json`` and ``ood.npz``; only with all
+of them is a run complete. Every write is whole or absent, so a kill at any moment leaves a folder
+that reads.
 """
 from __future__ import annotations
 
