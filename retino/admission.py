@@ -42,9 +42,10 @@ def resume_config(run_dir: Path, args):
     """The saved config with the flags a resume may change; refuses contradictions before touching anything."""
     if not run_dir.is_dir():
         raise RunRefused(f"cannot resume {run_dir}: no such run folder")
-    if never_configured(run_dir):
+    if not (run_dir / "config.json").exists():
+        again = " (this folder may be given as --run-dir)" if never_configured(run_dir) else " in a new folder"
         raise RunRefused(f"cannot resume {run_dir}: nothing to resume: it stopped before it saved its settings "
-                         f"(no config.json); start it again (this folder may be given as --run-dir)")
+                         f"(no config.json); start it again{again}")
     try:
         saved = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["train"])
     except (runs.RunError, KeyError, TypeError) as e:
