@@ -219,6 +219,8 @@ def remove_final(run_dir: Path) -> None:
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """Keep the epochs up to ``last_epoch`` (a resume replays the later ones); drops torn lines."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        return  # nothing to keep: no empty file that would say an epoch had begun
     rows = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]
     write_atomic(Path(run_dir) / "metrics.jsonl",
                  "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows).encode())
