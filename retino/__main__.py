@@ -79,20 +79,20 @@ def cmd_train(args) -> int:
     from . import runs
     from .config import config_from_args
     from .data import read_dataset
-    from .models import WeightsUnavailable
+    from .models import WeightsUnavailable, check_weights
     from .train import TrainingError, fit
     if args.resume:
         run_dir = admission.user_path(args.resume, "--resume")
         saved, cfg, changed = admission.resume_config(run_dir, args)
-        rows = runs.read_metrics(run_dir)
-        if (run_dir / "test.json").is_file() and len(rows) >= saved.epochs and cfg.epochs <= saved.epochs:
-            runs.write_status(run_dir, state="completed", error=None)
-            print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
-            return 0
-        if not (run_dir / "last.pt").is_file() and (run_dir / "test.json").is_file() and len(rows) >= saved.epochs:
-            if cfg.epochs > saved.epochs:
-                raise admission.RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
-                                 f"completed (train with --keep-last true to extend runs later)")
+        trained = len(runs.read_metrics(run_dir)) >= saved.epochs
+        if trained and not (run_dir / "last.pt").is_file() and cfg.epochs > saved.epochs:
+            raise admission.RunRefused(f"cannot extend {run_dir} to {cfg.epochs} epochs: its last.pt was deleted when it "
+                                       f"completed (train with --keep-last true to extend runs later)")
+        # complete = every epoch and every file of the final evaluation (ood.npz included); otherwise
+        # fit() finishes what is missing, from last.pt or, once that is gone, from best.pt
+        if trained and cfg.epochs <= saved.epochs and not runs.final_missing(run_dir):
+            if not cfg.keep_last:  # killed between the last file and last.pt's removal
+                (run_dir / "last.pt").unlink(missing_ok=True)
             runs.write_status(run_dir, state="completed", error=None)
             print(f"{run_dir}: nothing to resume: the run completed all {saved.epochs} epochs", file=sys.stderr)
             return 0
@@ -100,6 +100,10 @@ def cmd_train(args) -> int:
         if getattr(args, "preset", None):
             return _train_preset(args)
         cfg, changed = config_from_args(args), {}
+        try:  # found (or fetched) before a folder is made or an image cached
+            check_weights(cfg.arch, pretrained=cfg.pretrained, weights_path=cfg.weights or None)
+        except WeightsUnavailable as e:
+            raise UserError(str(e))
         run_dir = admission.fresh_run_dir(args, cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")

@@ -42,6 +42,10 @@ def resume_config(run_dir: Path, args):
     """The saved config with the flags a resume may change; refuses contradictions before touching anything."""
     if not run_dir.is_dir():
         raise RunRefused(f"cannot resume {run_dir}: no such run folder")
+    if not (run_dir / "config.json").exists():
+        again = " (this folder may be given as --run-dir)" if never_configured(run_dir) else " in a new folder"
+        raise RunRefused(f"cannot resume {run_dir}: nothing to resume: it stopped before it saved its settings "
+                         f"(no config.json); start it again{again}")
     try:
         saved = TrainConfig.from_dict(runs.read_json(run_dir / "config.json")["train"])
     except (runs.RunError, KeyError, TypeError) as e:
@@ -74,7 +78,8 @@ def fresh_run_dir(args, cfg) -> Path:
     run_dir = user_path(args.run_dir, "--run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise runs.RunError(f"--run-dir {run_dir}: is a file, expected a folder for the run")
-    if int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() and not launched_here(run_dir):
+    if (int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() and not launched_here(run_dir)
+            and not never_configured(run_dir)):
         try:
             entries = sorted(p.name for p in run_dir.iterdir())
         except OSError as e:
@@ -102,3 +107,14 @@ def launched_here(run_dir: Path) -> bool:
         return False
     trained = any((run_dir / n).exists() for n in ("metrics.jsonl", "last.pt", "best.pt"))
     return bool(config.get("provisional")) and not trained
+
+
+def never_configured(run_dir: Path) -> bool:
+    """A trainer's folder from before it saved its settings: status.json (and its log and lock) only,
+    its trainer gone. Nothing in it can be resumed; it may be started again in place."""
+    try:
+        names = {p.name for p in Path(run_dir).iterdir()}
+        state = runs.read_status(run_dir).get("state")
+    except (OSError, runs.RunError):
+        return False
+    return "status.json" in names and names <= {"status.json", "train.log", ".train.lock"} and state not in runs.ACTIVE

@@ -179,6 +179,8 @@ def can_resume(run: runs.RunInfo) -> tuple[bool, str]:
     error is in its settings or weights (a config error, missing ImageNet weights, out of memory, a
     loss that diverged): resuming would fail the same way.
     """
+    if not (run.path / "config.json").is_file():  # killed before it saved its settings
+        return False, "Nothing to resume: it stopped before it saved its settings. Delete it and start it again."
     if run.state in ("stopped", "interrupted"):
         return True, ""
     if run.state != "failed":

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +35,10 @@ def _spawn(run_dir: Path, argv: list[str]) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "retino", "train", *argv], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env, start_new_session=True)
     log.close()
+    # The trainer is our child: when it exits it stays a zombie (<defunct>) until we wait for it,
+    # which would be when Streamlit exits. A daemon thread waits for it instead; the trainer itself
+    # lives in its own session, so neither a closed tab nor this thread's end stops it.
+    threading.Thread(target=proc.wait, name=f"reap-trainer-{proc.pid}", daemon=True).start()
     return proc.pid
 
 

@@ -71,6 +71,23 @@ class Heartbeat(threading.Thread):
                 self._write()
 
 
+class TrainLog:
+    """train.log's step lines while an epoch trains: at most one every ``every`` s (log points come
+    about twice a second; a day's run would be 170,000 lines), and always the epoch's first point."""
+
+    def __init__(self, run_dir: Path, epochs: int, steps_per_epoch: int, every: float = 10.0):
+        self.run_dir, self.epochs, self.steps, self.every = run_dir, epochs, steps_per_epoch, every
+        self.last, self.epoch = float("-inf"), None
+
+    def step(self, epoch: int, step: int, loss: float, rate: float, lr: float) -> None:
+        now = time.monotonic()
+        if epoch == self.epoch and now - self.last < self.every:
+            return
+        self.last, self.epoch = now, epoch
+        runs.append_log(self.run_dir, f"epoch {epoch}/{self.epochs} step {step}/{self.steps}  "
+                                      f"train_loss {loss:.4f}  lr {lr:.3g}  {rate:.1f} images/s")
+
+
 # ----------------------------------------------------------------------------- locks
 
 @contextlib.contextmanager
@@ -179,6 +196,9 @@ def workers_stopped(error: BaseException, world: int = 1) -> bool:
 
 def save_point(name: str, epoch: int) -> None:
     """A moment between two writes of an epoch's save; ``RETINO_KILL_AT=<name>:<epoch>`` SIGKILLs here.
+
+    The points: ``before-metrics``, ``before-last``, ``before-best`` (an epoch's save),
+    ``before-ood`` (the final evaluation, at the last epoch) and ``caching:0`` (before the first image).
 
     The reliability tests use it to kill a trainer deterministically between two writes (the
     moments a real crash can fall between); unset, it costs one dictionary lookup.

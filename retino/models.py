@@ -343,6 +343,20 @@ def build_model(
     return _BUILDERS[arch](pretrained=pretrained, num_classes=outputs, weights_path=weights_path, progress=progress)
 
 
+def check_weights(arch: str, *, pretrained: bool, weights_path: Optional[Union[str, Path]] = None) -> None:
+    """Find (or fetch into the hub cache) and read the weights a run would start from.
+
+    Called before a run folder is made or an image cached, so a missing file costs one line, not
+    minutes of caching and a folder left behind. Scratch runs need nothing.
+
+    Raises:
+        WeightsUnavailable: as :func:`build_model` does, naming the file and where to put it.
+    """
+    _check_arch(arch)
+    if pretrained or weights_path is not None:
+        build_model(arch, pretrained=pretrained, weights_path=weights_path, progress=False)
+
+
 def weights_available(arch: str) -> tuple[bool, str]:
     """Whether ``arch``'s ImageNet checkpoint is already in the hub cache, and the path looked at.
 

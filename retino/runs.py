@@ -4,8 +4,10 @@ Files: ``config.json`` (written once), ``metrics.jsonl`` (one line per epoch, ap
 ``status.json`` (state and heartbeat, replaced atomically), ``last.pt`` (a plain dict with the optimizer
 state, for resuming) and ``best.pt`` (weights, config and normalisation only, for predicting), each
 written to a temporary file and renamed, ``meta.json`` (display name and tags, user-editable),
-``train.log`` (the process's output). Every write is whole or absent, so a kill at any moment leaves
-a folder that reads.
+``train.log`` (timestamped lines as the run goes, and the dashboard trainer's own output). The final
+evaluation adds ``predictions.csv``, ``evaluation.json``, ``test.json`` and ``ood.npz``; only with all
+of them is a run complete. Every write is whole or absent, so a kill at any moment leaves a folder
+that reads.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import shutil
@@ -173,8 +176,51 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def append_log(run_dir: Path, line: str) -> None:
+    """One timestamped line at the end of train.log, written through at once, so the log can be
+    followed while the run trains (the dashboard's trainer also sends its own output there)."""
+    text = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n".encode("utf-8", "replace")
+    try:
+        fd = os.open(Path(run_dir) / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return  # the log is a courtesy: a run never fails for want of it
+    try:
+        os.write(fd, text)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# The final evaluation writes these, in this order, after the last epoch; a run is complete only
+# once all of them exist (then last.pt is removed unless kept, and status.json says completed).
+FINAL_FILES = ("predictions.csv", "evaluation.json", "test.json", "ood.npz")
+
+
+def final_missing(run_dir: Path) -> list[str]:
+    """The final evaluation's files a run folder lacks. ``ood.npz`` is excused when the run recorded
+    that its splits gave the OOD model nothing to fit (status ``ood_skipped``)."""
+    run_dir = Path(run_dir)
+    missing = [n for n in FINAL_FILES if not (run_dir / n).is_file()]
+    if "ood.npz" in missing:
+        try:
+            if read_json(run_dir / "status.json").get("ood_skipped"):
+                missing.remove("ood.npz")
+        except RunError:
+            pass
+    return missing
+
+
+def remove_final(run_dir: Path) -> None:
+    """Before more epochs are trained, the previous final evaluation no longer describes the run."""
+    for name in FINAL_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """Keep the epochs up to ``last_epoch`` (a resume replays the later ones); drops torn lines."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        return  # nothing to keep: no empty file that would say an epoch had begun
     rows = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]
     write_atomic(Path(run_dir) / "metrics.jsonl",
                  "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows).encode())
@@ -307,9 +353,22 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise RunError(f"{path}: missing")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not a Python object torch refused: a damaged or foreign file
+            raise RunError(f"{path}: not a loadable Retino checkpoint (not a torch.save file of tensors: "
+                           f"damaged or something else)") from None
+        # torch's own message advises weights_only=False, i.e. running whatever the file holds: never
+        # repeat that to a user who may have been sent the file
+        raise RunError(f"{path}: not a loadable Retino checkpoint: refused because it holds Python objects "
+                       f"that could run code when loaded; get a trusted copy by training the run again or "
+                       f"from the person who made it") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a loadable Retino checkpoint ({first})") from None
+        raise RunError(f"{path}: not a loadable Retino checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- listing
@@ -439,15 +498,22 @@ def run_summary(run_dir: Path) -> dict:
     info = load_run(run_dir)
     rows = read_metrics(run_dir)
     epochs = info.config.get("train", {}).get("epochs")
-    have = [n for n in ("best.pt", "last.pt", "test.json", "predictions.csv") if (run_dir / n).is_file()]
-    if "last.pt" in have:
-        resume = "a resume continues from last.pt"
-    elif info.state == "completed":
+    have = [n for n in ("best.pt", "last.pt", "test.json", "predictions.csv", "ood.npz") if (run_dir / n).is_file()]
+    final = final_missing(run_dir)
+    trained = isinstance(epochs, int) and len(rows) >= epochs
+    if not (run_dir / "config.json").is_file():
+        resume = "no config.json (stopped before it saved its settings): nothing to resume, start it again"
+    elif trained and final and ("last.pt" in have or "best.pt" in have):
+        resume = f"all epochs trained; a resume finishes the final evaluation ({', '.join(final)} missing)"
+    elif info.state == "completed" and not final:
         resume = "completed: nothing to resume"
+    elif "last.pt" in have:
+        resume = "a resume continues from last.pt"
     else:
         resume = "no last.pt: a resume starts again from epoch 1"
     return {"state": info.state, "error": info.status.get("error"), "epochs_done": len(rows), "epochs": epochs,
-            "files": have, "missing": [n for n in ("best.pt", "last.pt") if n not in have], "resume": resume}
+            "files": have, "missing": [n for n in ("best.pt", "last.pt") if n not in have],
+            "unfinished": final if trained or info.state == "completed" else [], "resume": resume}
 
 
 def check_run(run_dir: Path) -> list[str]:
@@ -475,6 +541,9 @@ def check_run(run_dir: Path) -> list[str]:
                 problems.append(f"{path}, line {i}: not a whole metrics record")
         if epochs != list(range(1, len(epochs) + 1)):
             problems.append(f"{path}: epochs are {epochs}, expected consecutive from 1")
+    if load_run(run_dir).state == "completed":
+        problems += [f"{run_dir / n}: missing, though the run says completed; python -m retino train --resume "
+                     f"{run_dir} finishes its final evaluation" for n in final_missing(run_dir)]
     for name in ("last.pt", "best.pt"):
         if (run_dir / name).exists():
             try:

@@ -122,7 +122,10 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
         if ctx.main:
             beat = lifecycle.Heartbeat(run_dir, {"state": "starting", "pid": os.getpid(), "epoch": 0, "step": 0,
                                                  "epochs": cfg.epochs, "error": None, "started": time.time(),
-                                                 "phase": "starting"})
+                                                 "phase": "starting", "ood_skipped": None})
+            runs.append_log(run_dir, f"{'resuming' if resume else 'starting'} {cfg.display_name()}: {cfg.arch} "
+                                     f"{'pretrained' if cfg.pretrained else 'from scratch'}, {cfg.epochs} epochs, "
+                                     f"data {cfg.data} (pid {os.getpid()})")
             beat.update()
             beat.start()
         try:
@@ -133,15 +136,21 @@ def fit(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool
                     beat.update(state="running")
                 result = _fit(cfg, run_dir, ctx, beat, resume, progress)
             if beat:
-                beat.update(state="stopped" if lifecycle.STOP.is_set() else "completed", eta_s=0, phase=None)
+                state = "stopped" if lifecycle.STOP.is_set() else "completed"
+                beat.update(state=state, eta_s=0, phase=None)
+                at = result.get("stopped_at")
+                runs.append_log(run_dir, f"stopped at epoch {at['epoch']}, step {at['step']}: resume continues "
+                                         f"from there" if at else state)
             return result
         except lifecycle.StoppedWhileQueued:
             beat.update(state="stopped", eta_s=0)
+            runs.append_log(run_dir, "stopped while waiting for the device")
             return {"stopped_at": {"epoch": 0, "step": 0}}
         except BaseException as e:
             if beat:
-                beat.update(state="failed", error=lifecycle.failure_message(
-                    e, batch_size=cfg.batch_size, image_size=cfg.image_size))
+                message = lifecycle.failure_message(e, batch_size=cfg.batch_size, image_size=cfg.image_size)
+                beat.update(state="failed", error=message)
+                runs.append_log(run_dir, f"failed: {message}")
             raise
         finally:
             if beat:
@@ -156,22 +165,43 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     np.random.seed(cfg.seed)
     show = progress and ctx.main
 
-    # data: train / val / test, each checked before a single step
     ds = read_dataset(cfg.data, val_fraction=cfg.val_fraction)
+    has_last = resume and (run_dir / "last.pt").is_file()
+    finishing = resume and not has_last and trained_without_last(run_dir, cfg)
+    starting_over = not (has_last or finishing)
+    # the model before the data's cache: missing ImageNet weights are one line now, not after minutes
+    # of caching; a run continued from a checkpoint takes its weights from there, not from ImageNet
+    model = build_model(cfg.arch, pretrained=cfg.pretrained and starting_over, head=cfg.head,
+                        weights_path=(cfg.weights or None) if starting_over else None)
+    norm = normalization(cfg.arch, cfg.pretrained)
+    fingerprint = ds.fingerprint() if hasattr(ds, "fingerprint") else runs.labels_fingerprint(ds.splits)
+
+    def save_config(dataset: dict) -> None:
+        runs.write_config(run_dir, cfg.to_dict(), dataset=dataset, norm=norm, world=ctx.world,
+                          device=str(ctx.device), data_fingerprint=fingerprint)
+
+    if ctx.main and starting_over:
+        runs.reconcile(run_dir, None, for_predicting)  # a fresh start (or a resume before any epoch)
+        runs.remove_final(run_dir)
+        save_config(ds.describe())  # before caching: a run killed while caching has its settings to resume
+
+    lifecycle.save_point("caching", 0)  # config.json written, no image cached yet
+    # data: train / val / test, each checked before a single step
     splits = {}
     for name in ("train", "val", "test"):
         if beat:
             beat.update(phase=f"caching {name} images")
+            runs.append_log(run_dir, f"caching {name} images")
         splits[name] = load_split(ds.splits[name], cfg, progress=show, desc=f"cache {name}", ctx=ctx)
         check_split(splits[name], name, cfg.data)
     train_loader = make_loader(splits["train"], cfg, ctx, train=True)
     eval_loaders = {name: make_loader(splits[name], cfg, ctx, train=False) for name in ("val", "test")}
     dataset_info = {**ds.describe(), "skipped": [{"file": p, "error": e} for s in splits.values()
                                                 for p, e in s.skipped]}
+    if ctx.main and starting_over and dataset_info["skipped"]:
+        save_config(dataset_info)  # now with the images the cache could not read
 
-    # model, optimiser, criterion
-    model = build_model(cfg.arch, pretrained=cfg.pretrained, head=cfg.head, weights_path=cfg.weights or None)
-    norm = normalization(cfg.arch, cfg.pretrained)
+    # model on its device, optimiser, criterion
     model.to(ctx.device)
     if ctx.device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -182,7 +212,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     gen = torch.Generator()
     thresholds, best, best_epoch, start_epoch, partial = list(DEFAULT_THRESHOLDS), -math.inf, 0, 1, None
 
-    if resume and (run_dir / "last.pt").is_file():
+    if has_last:
         ckpt = runs.load_checkpoint(run_dir / "last.pt")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -194,11 +224,10 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             gen.set_state(ckpt["aug_rng"])
         if ctx.main:
             runs.reconcile(run_dir, ckpt, for_predicting)
-    elif ctx.main:
-        runs.reconcile(run_dir, None, for_predicting)  # a fresh start (or a resume before any epoch)
-        runs.write_config(run_dir, cfg.to_dict(), dataset=dataset_info, norm=norm, world=ctx.world,
-                          device=str(ctx.device), data_fingerprint=ds.fingerprint() if hasattr(ds, "fingerprint")
-                          else runs.labels_fingerprint(ds.splits))
+            if start_epoch <= cfg.epochs:
+                runs.remove_final(run_dir)  # more epochs: the last final evaluation no longer describes the run
+    elif finishing:
+        start_epoch = cfg.epochs + 1  # every epoch saved, last.pt removed: only the final evaluation is left
     tracker = tracking.Tracker(run_dir, main=ctx.main, config=cfg.to_dict())  # RUN/tb; MLflow if set
     if ctx.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -207,6 +236,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
         model = torch.compile(model)
 
     eta = _Eta(cfg, steps_per_epoch, n_eval=len(splits["val"].frame) + len(splits["test"].frame))
+    log = lifecycle.TrainLog(run_dir, cfg.epochs, steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs + 1):
         state = EpochState.from_dict(partial) if partial is not None else EpochState()
         if partial is None:
@@ -228,6 +258,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
                 beat.progress(epoch=epoch, step=s.step, steps=steps_per_epoch, images_per_s=round(rate, 1),
                               eta_s=eta.seconds_left(epoch, s.step), train_loss=loss,
                               **_step_log(beat, epoch, s.step, steps_per_epoch, loss, optimizer))
+                log.step(epoch, s.step, loss, rate, optimizer.param_groups[0]["lr"])
 
         def save_partial() -> dict:
             """Save this epoch as far as it got (a partial epoch in last.pt), so Resume continues it."""
@@ -296,10 +327,12 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             beat.update(epoch=epoch, step=steps_per_epoch, best_qwk=best, best_epoch=best_epoch,
                         val_qwk=row["val_qwk"], val_acc=row["val_acc"], test_qwk=row["test_qwk"],
                         test_acc=row["test_acc"])
+            line = (f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+                    f"train_acc {row['train_acc']:.3f}  val_acc {row['val_acc']:.3f}  "
+                    f"val_qwk {row['val_qwk']:.3f}  ({row['seconds']:.0f}s)")
+            runs.append_log(run_dir, line + ("  best so far" if is_best else ""))
             if progress:
-                print(f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-                      f"train_acc {row['train_acc']:.3f}  val_acc {row['val_acc']:.3f}  "
-                      f"val_qwk {row['val_qwk']:.3f}  ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+                print(line, file=sys.stderr, flush=True)
         if ctx.world > 1:
             dist.barrier()
         stop, _ = ctx.agree(lifecycle.STOP.is_set(), 0.0)
@@ -312,6 +345,12 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
     if ctx.main and not cfg.keep_last:
         (run_dir / "last.pt").unlink(missing_ok=True)  # 134 MB for a ResNet18; --keep-last keeps it
     return (runs.best_row(runs.read_metrics(run_dir)) or {}) if ctx.main else {}
+
+
+def trained_without_last(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Every epoch is saved and best.pt is there, but last.pt is gone (removed at completion): a resume
+    can only redo the final evaluation, from best.pt."""
+    return len(runs.read_metrics(run_dir)) >= cfg.epochs and (Path(run_dir) / "best.pt").is_file()
 
 
 def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loaders, splits, norm) -> None:
@@ -333,8 +372,13 @@ def _final_evaluation(cfg, run_dir: Path, ctx: Context, beat, model, eval_loader
         write_evaluation(run_dir, {name: (splits[name].frame, outputs[name]) for name in outputs},
                          head=cfg.head, thresholds=list(best["thresholds"]), epoch=int(best["epoch"]),
                          target_sensitivity=cfg.target_sensitivity)
+        runs.append_log(run_dir, f"final evaluation of epoch {int(best['epoch'])}: predictions.csv, "
+                                 f"evaluation.json and test.json written")
+        lifecycle.save_point("before-ood", cfg.epochs)  # test.json written, ood.npz not yet
         # the model's own view for the quality gate: its penultimate features of train, cut-off on val
-        fit_run_ood(run_dir, unwrap(model), splits["train"], splits["val"], norm=norm, epoch=int(best["epoch"]))
+        if fit_run_ood(run_dir, unwrap(model), splits["train"], splits["val"], norm=norm,
+                       epoch=int(best["epoch"])) is None and beat:
+            beat.update(ood_skipped=True)  # nothing to fit: the run is complete without ood.npz
 
 
 # ----------------------------------------------------------------------------- progress

@@ -11,6 +11,7 @@ from retino import config, models
 from retino.models import (
     WeightsUnavailable,
     build_model,
+    check_weights,
     list_models,
     normalization,
     param_count,
@@ -241,3 +242,19 @@ def test_param_count_trainable_only():
         p.requires_grad_(False)
     model.fc.requires_grad_(True)
     assert param_count(model, trainable_only=True) == 512 * 5 + 5 < total
+
+
+def test_check_weights_names_the_missing_file_before_any_model_is_trained(hub_dir, offline):
+    check_weights("resnet50", pretrained=False)  # scratch runs need no file, and no network
+    with pytest.raises(WeightsUnavailable) as info:
+        check_weights("resnet18", pretrained=True)
+    assert _file_name("resnet18") in str(info.value) and str(hub_dir / "checkpoints") in str(info.value)
+    _save_imagenet_like("resnet18", hub_dir)
+    check_weights("resnet18", pretrained=True)  # found in the hub cache, offline
+
+
+def test_check_weights_refuses_a_weights_file_of_the_other_arch(tmp_path):
+    path = tmp_path / "r50.pth"
+    torch.save(_torchvision("resnet50", 1000).state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="r50.pth"):
+        check_weights("resnet18", pretrained=True, weights_path=path)
