@@ -173,7 +173,6 @@ def cmd_screen(args) -> int:
         return 0
     print(f"{s['photos']} photos ({s['skipped']} already in the report): {s['graded']} graded "
           f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
-    print(f"{s['patients']} patients, {s['referable_patients']} referable: P(grade >= 2) or score >= "
-          f"{s['threshold']:.4g} ({s['threshold_source']})")
+    print(f"{s['patients']} patients, {s['referable_patients']} referable when {s['threshold_source']}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0
