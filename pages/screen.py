@@ -89,7 +89,7 @@ m1.metric("Patients", f"{s['patients']:,}")
 m2.metric("Referable", f"{s['referable_patients']:,}")
 m3.metric("Photos graded", f"{s['graded']:,}", help=f"{s['ungradable']:,} of them ungradable: see their reasons")
 m4.metric("Not graded", f"{s['errors']:,}", help=f"unreadable files, and {s['not_fundus']:,} not a fundus")
-st.caption(f"Referable: P(grade ≥ 2) (or the regression score) ≥ {s['threshold']:.4g}, {s['threshold_source']}. "
+st.caption(f"Referable when {s['threshold_source']}. "
            f"{s['skipped']:,} photos were already in the report. Report: `{s['report']}`")
 st.dataframe(result.patients, hide_index=True, key="screen.patients",
              column_config={"worst_grade": "worst grade", "ungraded": "photos not graded"})

@@ -79,9 +79,10 @@ def _predict_header(trained) -> str:
     calib = ""
     if trained.config.head == "classify":
         calib = (f"; probabilities calibrated (temperature {trained.temperature:.3g})" if trained.temperature
-                 else "; probabilities not calibrated (the run has no evaluation.json)")
+                 else "; probabilities not calibrated")
+    notes = "".join(f"\nnote: {n}" for n in trained.notes)  # what is missing or stale, and how to make it
     return (f"{trained.run_dir}: {trained.checkpoint} (epoch {trained.epoch}){calib}\n"
-            f"referable when {referral(trained)[1]}")
+            f"referable when {referral(trained)[1]}{notes}")
 
 
 def _predict_line(p, cam: str | None) -> str:
@@ -90,6 +91,8 @@ def _predict_line(p, cam: str | None) -> str:
         return f"{p.image}: rejected: {p.reason}"
     detail = f"score {p.score:.2f}" if p.score is not None else "p = " + " ".join(f"{q:.2f}" for q in p.probs)
     line = f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}  referable: {'yes' if p.referable else 'no'}"
+    if p.referable_why:
+        line += f" ({p.referable_why})"
     q = p.quality or {}
     if q.get("verdict", "ok") != "ok":
         line += f"  quality: {q['verdict']} ({'; '.join(q['reasons'])})"
@@ -128,7 +131,8 @@ def cmd_export(args) -> int:
     from .export import export_run
     out = admission.user_path(args.out, "--out") if args.out else None
     try:
-        model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out)
+        model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out,
+                                           force=args.force, unfinished=args.unfinished)
     except ImportError as e:  # onnx is an optional extra
         raise UserError(f"--format {args.format} needs the {e.name or 'onnx'} package: pip install onnx onnxruntime")
     except OSError as e:

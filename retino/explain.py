@@ -189,7 +189,7 @@ def explain(model, image, *, method: str = "gradcam", target: int | None = None,
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
         seen, keep = image, None
     else:
-        pred = load(image, trained, inference.input_name(image, 0))
+        pred, _ = load(image, trained, inference.input_name(image, 0))
         if not pred.ok:
             raise ImageError(pred.error)
         seen, keep = pred.seen, pred.mask
