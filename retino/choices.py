@@ -60,8 +60,10 @@ def referral_cut(head: str, operating_point: dict | None = None, thresholds=None
     if head == "regress":
         cut = float(list(thresholds if thresholds is not None else DEFAULT_THRESHOLDS)[REFERABLE_GRADE - 1])
         return cut, (f"{what} >= {cut:.3g}: the default, the run's own cut point between grades "
-                     f"{REFERABLE_GRADE - 1} and {REFERABLE_GRADE} (no operating point)")
-    return DEFAULT_PROB_CUT, f"{what} >= {DEFAULT_PROB_CUT:g}: the default, as the run has no operating point"
+                     f"{REFERABLE_GRADE - 1} and {REFERABLE_GRADE} (no operating point"
+                     + (f": {op['error']})" if op.get("error") else ")"))
+    why = f" ({op['error']})" if op.get("error") else ""
+    return DEFAULT_PROB_CUT, f"{what} >= {DEFAULT_PROB_CUT:g}: the default, as the run has no operating point{why}"
 
 
 def referral_of(chosen: dict | None, head: str | None = None, thresholds=None) -> tuple[float, str]:

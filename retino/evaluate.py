@@ -92,9 +92,10 @@ def ensure_predictions(run_dir) -> tuple[pd.DataFrame, dict]:
             raise
         table = None
     if table is not None and chosen is not None and chosen.get("epoch") in (None, trained.epoch):
-        if "referable" not in table.columns:
-            table = add_referable(table, chosen, trained.thresholds)
-        return table, chosen
+        fresh = add_referable(table, chosen, trained.thresholds)  # at today's rule: evaluation.json may be edited
+        if "referable" not in table.columns or not fresh["referable"].equals(table["referable"].astype(bool)):
+            _write_csv(run_dir / "predictions.csv", fresh)
+        return fresh, chosen
     cfg = trained.config
     if table is not None or check_finished(run_dir) not in ("completed", None):
         # stopped in its final evaluation, or choices made for another epoch: never choose on test
