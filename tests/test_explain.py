@@ -25,7 +25,8 @@ from retino.data.preprocess import preprocess
 from retino.data.synthetic import render_fundus
 from retino.grades import GRADE_INFO
 from retino.inference import load_trained
-from retino.predict import TTA_ANGLES, predict, predictions_table, tta_views
+from retino.grading import TTA_ANGLES, tta_views
+from retino.predict import predict, predictions_table
 
 SIZE = 64
 REAL = REPO.parent / "shared" / "real_fundus_sample" / "train"
