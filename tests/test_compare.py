@@ -262,7 +262,7 @@ def test_test_results_table_intervals_and_best_marks():
     assert table.loc["a", "ref. AUC"] == "n/a"
     assert table.loc["a", "test images"] == "400" and table.loc["a", "data set"] == "synthetic · debe0a88"
     assert table.loc["a", "selected on"] == "val" and table.loc["old", "selected on"] == "chosen on test (older run)"
-    assert table.loc["old", "threshold"] == "0.5 (none chosen)" and table.loc["a", "threshold"] == "0.300"
+    assert table.loc["old", "threshold"] == "0.500 (default: none chosen)" and table.loc["a", "threshold"] == "0.300"
     assert table.loc["fresh", "QWK"] == "not evaluated" and table.loc["fresh", "selected on"] == "val"
     assert table.loc["fresh", "test images"] == "–"
 
