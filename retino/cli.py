@@ -55,22 +55,35 @@ def _cam_path(cam_dir: Path, image: str, used: set) -> Path:
     return cam_dir / name
 
 
-def _write_cams(trained, preds, cam_dir: Path, method: str) -> dict[int, str]:
-    """Each graded photo's map over the photo itself, at its own size: ``{index: path}``."""
+def _write_cams(preds, cam_dir: Path) -> dict[int, str]:
+    """Each graded photo's map (from its grading pass) over the photo, at the photo's own size: ``{index: path}``.
+
+    Laid over the photo as decoded for grading and scaled to the size its header gives: no second decode.
+    """
     import numpy as np
     from PIL import Image
-    from .explain import explain, overlay_on_photo
-    from .inference import decode
+    from .explain import overlay_on_photo
     cam_dir.mkdir(parents=True, exist_ok=True)
     cams, used = {}, set()
     for i, p in enumerate(preds):
-        if p.ok:
-            heat = explain(trained, p, method=method).heatmap
-            photo = np.asarray(decode(p.image, p.image))  # full size (the model's copy may be draft-decoded)
+        if p.ok and p.heatmap is not None:
+            picture = Image.fromarray(overlay_on_photo(np.asarray(p.original), p.heatmap, p.crop))
+            size = _stored_size(p.image) or picture.size
             path = _cam_path(cam_dir, p.image, used)
-            Image.fromarray(overlay_on_photo(photo, heat, p.crop)).save(path)
+            (picture if picture.size == size else picture.resize(size, Image.BILINEAR)).save(path)
             cams[i] = str(path)
     return cams
+
+
+def _stored_size(path) -> tuple[int, int] | None:
+    """(W, H) of an image file upright, from its header (nothing is decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # EXIF: rotated by 90 degrees
+    except (OSError, ValueError):
+        return None
 
 
 def _predict_header(trained) -> str:
@@ -109,8 +122,9 @@ def cmd_predict(args) -> int:
         if cam_dir.exists() and not cam_dir.is_dir():  # found now, not after grading everything
             raise UserError(f"--cam-dir {cam_dir}: exists and is not a folder")
     trained = load_trained(args.run_dir)
-    preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate)
-    cams = _write_cams(trained, preds, cam_dir, args.cam_method) if cam_dir else {}
+    preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate,
+                    cam=args.cam_method if cam_dir else None)
+    cams = _write_cams(preds, cam_dir) if cam_dir else {}
     source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch}
     if args.json:
         _print_json([{**p.as_dict(), **source, "cam": cams.get(i)} if p.ok else p.as_dict()

@@ -48,6 +48,7 @@ class Answer:
     threshold: float | None = None
     rule: str | None = None
     why: str | None = None               # why referral and grade part, else None
+    heatmap: np.ndarray | None = None    # (S, S) float32 class-activation map from the grading pass (``cam``)
 
 
 def prepare(src, config, name: str, *, gate: bool = True, keep: bool = False) -> Prepared:
@@ -99,11 +100,14 @@ def _forward(trained: inference.Trained, x: torch.Tensor, features: bool):
 
 
 def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = False, refuse: bool = True,
-          channels_last: bool = False) -> list[Answer]:
+          channels_last: bool = False, cam: str | None = None) -> list[Answer]:
     """Answers for a batch of prepared photos, in order: one forward pass (TTA views included).
 
     ``refuse``: a photo the gate calls not a fundus is not graded. Where the run has an OOD model,
     its view (from the unaugmented pass) is part of every graded photo's verdict.
+    ``cam``: also a class-activation map per photo (``Answer.heatmap``, masked to the fundus) by that
+    method (:func:`retino.explain.list_cam_methods`), from the grading pass itself; with ``tta``
+    the map comes from a pass of its own over the photos (the views are not explained).
     """
     answers = []
     for p in batch:
@@ -120,8 +124,18 @@ def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = Fals
         x = tta_views(x)  # (V*B, 3, S, S); the first B rows are the photos themselves
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    out, feats = _forward(trained, x, trained.ood is not None)
     b = len(todo)
+    heat = None
+    if cam is not None:
+        from .explain import class_activation_maps
+        caught: list = []
+        heat, cam_out = class_activation_maps(trained, np.stack([batch[i].seen for i in todo]), [None] * b, cam,
+                                              features=caught if (trained.ood is not None and not tta) else None)
+    if cam is not None and not tta:  # the map's pass is the grading pass
+        out = cam_out.cpu().numpy().astype(np.float64)
+        feats = caught[0].cpu().numpy() if caught else None
+    else:
+        out, feats = _forward(trained, x, trained.ood is not None)
     out = out.reshape(-1, b, out.shape[-1])  # (V, B, K)
     head = trained.config.head
     if head == "regress":
@@ -148,4 +162,7 @@ def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = Fals
         a.referable = bool(a.referable_score >= cut)
         a.threshold, a.rule = cut, rule
         a.why = choices.referral_reason(head, a.grade, a.referable, a.referable_score, cut)
+        if heat is not None:
+            mask = batch[i].mask
+            a.heatmap = heat[j] if mask is None else np.where(mask, heat[j], np.float32(0))
     return answers

@@ -43,6 +43,8 @@ class Prediction:
     temperature: float | None = None            # the probabilities' temperature; None: not calibrated
     warnings: list[str] = field(default_factory=list)  # to show beside the result (unreadable EXIF)
     measures: dict | None = field(default=None, repr=False)  # the gate's measures, before the model's view
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (S, S) map from the grading pass (``cam``)
+    photo_size: tuple | None = None             # (W, H) of the photo as stored, read from its header
 
     @property
     def ok(self) -> bool:
@@ -114,10 +116,11 @@ def fill(pred: Prediction, answer: grading.Answer, trained: inference.Trained) -
     pred.temperature = trained.temperature if pred.probs is not None else None
     pred.referable_score, pred.referable = answer.referable_score, answer.referable
     pred.referable_threshold, pred.referable_rule, pred.referable_why = answer.threshold, answer.rule, answer.why
+    pred.heatmap = answer.heatmap
 
 
 def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "best.pt", batch_size: int = 8,
-            quality_gate: bool = True, progress=None) -> list[Prediction]:
+            quality_gate: bool = True, progress=None, cam: str | None = None) -> list[Prediction]:
     """Grade photographs with a run's model, through the one grading path (:func:`retino.grading.grade`).
 
     Args:
@@ -130,6 +133,7 @@ def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "bes
             False grades every decodable photo. Either way ``quality`` holds the verdict; where the
             run has an OOD model (``ood.npz``) the model's view, from the grading pass itself, is in it.
         progress: called ``(done, total)`` after each batch (the Predict page's bar).
+        cam: a CAM method: each graded photo's ``heatmap`` from the grading pass itself.
 
     Returns:
         One :class:`Prediction` per input, in order; a rejected input has ``error`` set and no grade.
@@ -143,7 +147,7 @@ def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "bes
         loaded = [load(src, trained, inference.input_name(src, start + k), measure=True)
                   for k, src in enumerate(images[start:start + batch_size])]
         good = [(p, prep) for p, prep in loaded if prep is not None]
-        answers = grading.grade(trained, [prep for _, prep in good], tta=tta, refuse=quality_gate)
+        answers = grading.grade(trained, [prep for _, prep in good], tta=tta, refuse=quality_gate, cam=cam)
         for (p, _), answer in zip(good, answers):
             fill(p, answer, trained)
         preds += [p for p, _ in loaded]
