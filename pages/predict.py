@@ -15,6 +15,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from retino import charts, compare, dashboard, explain, predict, runs, settings
+from retino.choices import PROB_COLS
 from retino.data import DatasetError, read_dataset
 from retino.data.preprocess import MAX_BYTES
 from retino.grades import GRADE_INFO, GRADES
@@ -163,8 +164,8 @@ def results_table(preds, truth) -> None:
                  column_config={"grade_name": "ICDR name", "true_grade": "true grade",
                                 "score": st.column_config.NumberColumn("raw score", format="%.2f"),
                                 "referable": st.column_config.CheckboxColumn("referable"),
-                                **{f"p{g}": st.column_config.NumberColumn(f"P(grade {g})", format="percent")
-                                   for g in GRADES}})
+                                **{col: st.column_config.NumberColumn(f"P(grade {g})", format="percent")
+                                   for g, col in enumerate(PROB_COLS)}})
     st.download_button("Download the table (CSV)", table.to_csv(index=False), file_name="predictions.csv",
                        mime="text/csv", icon=":material/download:", key="predict.download")
 
