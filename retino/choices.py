@@ -225,7 +225,8 @@ def _collect(run_dir: Path, checkpoint: str, ckpt: dict) -> tuple[Choices, list[
     thresholds = list(ckpt.get("thresholds") or DEFAULT_THRESHOLDS)
     ch = Choices(run_dir, checkpoint, epoch, cfg, norm, thresholds)
     problems = _config_problems(run_dir, cfg)
-    evaluate = f"python -m retino evaluate {run_dir}"
+    evaluate = (f"python -m retino evaluate {run_dir} (a run stopped before it finished: "
+                f"python -m retino train --resume --run-dir {run_dir})")
     if checkpoint != "best.pt":  # evaluation.json and ood.npz are made for the chosen checkpoint only
         ch.notes.append(f"{checkpoint} is not the run's chosen checkpoint: no temperature, operating point "
                         f"or OOD model applies to it")
