@@ -253,6 +253,8 @@ def _collect(run_dir: Path, checkpoint: str, ckpt: dict) -> tuple[Choices, list[
         op = chosen.get("operating_point") or {}
         if op.get("threshold") is not None:
             ch.operating_point = dict(op)
+        elif op.get("error"):  # why none could be chosen on val: said beside the default rule
+            ch.notes.append(f"no operating point was chosen: {op['error']}")
         ch.selected_on = chosen.get("selected_on")
     n_features = int(ckpt["model"]["fc.weight"].shape[1]) if "fc.weight" in ckpt.get("model", {}) else None
     ch.ood, ood_problems, ood_notes = _read_ood(run_dir, epoch, n_features)

@@ -91,7 +91,7 @@ def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, h
 def test_onnx_input_is_fixed_size_with_a_free_batch(trained_runs, tmp_path):
     onnx = pytest.importorskip("onnx")
     model_path, _ = export_run(trained_runs["classify"], "onnx", tmp_path / "deploy" / "dr.onnx")
-    assert model_path.name == "dr.onnx" and (tmp_path / "deploy" / "dr.json").is_file()
+    assert model_path.name == "dr.onnx" and (tmp_path / "deploy" / "dr.onnx.json").is_file()
     graph = onnx.load(str(model_path)).graph
     dims = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, SIZE, SIZE]

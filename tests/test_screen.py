@@ -270,7 +270,9 @@ def test_quality_gate_rejects_a_non_fundus_and_flags_a_dark_one(classify_run, ph
                                                                             "screenshot.png")}
     assert verdicts == {"7_left.jpeg": "ok", "7_right.jpeg": "ungradable", "screenshot.png": "not_fundus"}
     rows = screen(classify_run, folder, tmp_path / "r.csv", workers=0).photos.set_index("image")
-    assert rows.loc["7_left.jpeg", "quality"] == "ok" and rows.loc["7_left.jpeg", "reasons"] == ""
+    good = rows.loc["7_left.jpeg"]  # an ok photo's reasons say at most why its referral and grade part
+    assert good["quality"] == "ok" and (good["reasons"] == "" or good["reasons"].startswith(
+        ("referable although", "not referable although")))
     dark = rows.loc["7_right.jpeg"]
     assert dark["quality"] == "ungradable" and "too dark" in dark["reasons"] and pd.notna(dark["grade"])
     shot = rows.loc["screenshot.png"]
