@@ -143,3 +143,10 @@ def test_the_test_report_uses_the_regress_runs_own_cut(tmp_path):
     assert rep["referral"]["threshold"] == THRESHOLDS[1]
     positive = labels >= 2
     assert rep["metrics"]["sensitivity"]["value"] == pytest.approx(np.mean(scores[positive] >= THRESHOLDS[1]))
+
+
+def test_check_run_lists_what_the_choices_refuse(tmp_path):
+    from conftest import run_cli
+    run = edited(fake_run(tmp_path), temperature=-1)
+    r = run_cli("check-run", run)
+    assert r.returncode == 1 and "evaluation.json: temperature is -1, expected a finite number > 0" in r.stdout
