@@ -240,6 +240,12 @@ def variants(args, device: torch.device) -> list[dict]:
             itertools.product(pick[args.amp], pick[args.channels_last], pick[args.compile])]
 
 
+def emit(args, part: str, row: dict) -> None:
+    """With ``--emit``: one part's JSON line on stdout as soon as it is measured (a run cut short keeps it)."""
+    if args.emit:
+        print(json.dumps({"part": part, **row}), flush=True)
+
+
 def run(args) -> dict:
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -253,6 +259,7 @@ def run(args) -> dict:
     print(f"  data: {n['train']} + {n['test']} images ({time.perf_counter() - t0:.0f} s); building the cache ...",
           file=sys.stderr, flush=True)
     build = cache_build(data, args.size)
+    emit(args, "cache", {"size": args.size, "device": str(device), "torch": torch.__version__, **build})
     rows = []
     for arch in args.archs:
         for v in variants(args, device):
@@ -269,6 +276,7 @@ def run(args) -> dict:
             r["target_met"] = r["retino_over_ceiling"] >= TARGET_CEILING_RATIO
             r["lab_grid_min_this_arch"] = round(lab_grid_minutes(r), 1)
             rows.append(r)
+            emit(args, "train", {"device": str(device), **r})
     best = {arch: min((r for r in rows if r["arch"] == arch), key=lambda r: r["lab_grid_min_this_arch"])
             for arch in args.archs}
     grid = sum(r["lab_grid_min_this_arch"] for r in best.values()) + build["cache_lab_projected_min"]
@@ -303,6 +311,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny: 32 px, 40 images, 2 epochs (a CPU smoke run)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--emit", action="store_true",
+                   help="print each part's JSON line as soon as it is measured (then the summary, with --json)")
+    p.add_argument("--summary", help="also write the summary JSON object to this file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--size", type=int, help="image side in pixels (default 512; quick 32)")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated architectures")
@@ -334,6 +345,11 @@ def main(argv=None) -> int:
     if args.work is None:
         args.work = str(cache_root() / "bench")
     result = run(args)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(result) + "\n")
+    if args.emit and not args.json:  # stdout holds the parts' lines: the readable table goes beside them
+        with contextlib.redirect_stdout(sys.stderr):
+            return report(result, False, print_table)
     return report(result, args.json, print_table)
 
 

@@ -11,6 +11,7 @@ from retino import charts, compare, dashboard, evaluate, explain, runs
 from retino.data import DatasetError, ImageError
 from retino.grades import grade_label
 from retino.inference import load_trained
+from retino.text import md_text
 
 PERCENT = {"accuracy", "macro_f1", "balanced_acc", "sens_at_90spec", "majority_acc", "acc_over_majority"}
 HEADINGS = {"run": "run", "best_epoch": "best epoch", "epochs": "epochs", "accuracy": "accuracy", "qwk": "QWK",
@@ -124,7 +125,7 @@ def test_results(chosen: list[dict]) -> dict:
             reports[r["id"]] = test_report(str(r["path"]), stamp)
             saved = saved_evaluation(str(r["path"]), stamp)
         except runs.RunError as e:
-            st.warning(f"{r['label']}: {e}", icon=":material/warning:")
+            st.warning(md_text(f"{r['label']}: {e}"), icon=":material/warning:")
             continue
         if saved is not None:
             evaluated[r["id"]] = saved
@@ -140,18 +141,19 @@ def test_results(chosen: list[dict]) -> dict:
             c1, c2 = st.columns([3, 1])
             why = ("was made before runs kept their test predictions" if runs.selected_on(r["rows"]) == "test"
                    else "has no test evaluation")
-            c1.caption(f"{r['label']} {why}: evaluate its best checkpoint on its test split once (its temperature "
+            c1.caption(f"{md_text(r['label'])} {why}: evaluate its best checkpoint on its test split once (its temperature "
                        "and operating point are then chosen on test, and marked so).")
             if c2.button("Evaluate once", key=f"compare.evaluate.{r['id']}", icon=":material/fact_check:"):
                 try:
-                    with st.spinner(f"Evaluating {r['label']} on its test split…"):
+                    with st.spinner(f"Evaluating {md_text(r['label'])} on its test split…"):
                         dashboard.evaluate_once(r["path"])
                     st.rerun()
                 except (runs.RunError, DatasetError, OSError) as e:
-                    st.error(f"{r['label']}: {e}")
-    labels = {r["id"]: r["label"] for r in chosen}
+                    st.error(md_text(f"{r['label']}: {e}"))
+    labels = {r["id"]: md_text(r["label"]) for r in chosen}  # names are text; the sentences around them are ours
     mismatch = compare.test_set_mismatch({labels[i]: t for i, (t, _) in evaluated.items()})
-    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(chosen):
+    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(
+            [{**r, "label": labels[r["id"]]} for r in chosen]):
         st.warning(warning, icon=":material/warning:")
     return evaluated
 
@@ -170,13 +172,13 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
         return
     missing = [by_id[i]["label"] for i in (a, b) if i not in evaluated]
     if missing:
-        st.info(f"Not evaluated yet: {', '.join(missing)} (see above).", icon=":material/info:")
+        st.info(f"Not evaluated yet: {md_text(', '.join(missing))} (see above).", icon=":material/info:")
         return
     try:
         result = versus(str(by_id[a]["path"]), str(by_id[b]["path"]),
                         (dashboard.evaluation_stamp(by_id[a]["path"]), dashboard.evaluation_stamp(by_id[b]["path"])))
     except (runs.RunError, ValueError) as e:
-        st.warning(f"A and B cannot be compared: {e}", icon=":material/block:")
+        st.warning(f"A and B cannot be compared: {md_text(e)}", icon=":material/block:")
         return
     st.markdown(compare.versus_sentence(result))
     st.table(compare.versus_table(result))
@@ -193,7 +195,7 @@ def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> N
     rocs = {label: compare.roc(t, c) for label, (t, c) in tables.items()}
     for label, r in rocs.items():
         if "error" in r:
-            st.caption(f"{label}: {r['error']}.")
+            st.caption(f"{md_text(label)}: {md_text(r['error'])}.")
     left, right = st.columns(2)
     left.plotly_chart(charts.roc_curves(rocs, colours=colours), key="compare.roc")
     right.markdown("**Operating points** (◆): each run's threshold on P(grade ≥ 2), fixed on val for its target "
@@ -201,7 +203,7 @@ def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> N
     for label, r in rocs.items():
         if "error" not in r:
             where = f"chosen on {r['chosen_on']}" if r["chosen_on"] else "none could be chosen: 0.5"
-            right.caption(f"{label}: threshold {r['threshold']:.3f} ({where}) → sensitivity {r['sensitivity']:.1%}, "
+            right.caption(f"{md_text(label)}: threshold {r['threshold']:.3f} ({where}) → sensitivity {r['sensitivity']:.1%}, "
                           f"specificity {r['specificity']:.1%}; AUC {r['auc']:.3f}")
     diagrams = {label: compare.reliability(t, c) for label, (t, c) in tables.items()}
     diagrams = {k: d for k, d in diagrams.items() if d is not None}
@@ -234,7 +236,7 @@ def gallery(chosen: list[dict], evaluated: dict) -> None:
             files = test_files(str(run["path"]), stamp, run["full_config"])
             trained = trained_model(str(run["path"]), stamp)
         except (DatasetError, runs.RunError) as e:
-            st.error(f"{run['label']}: {e}")
+            st.error(md_text(f"{run['label']}: {e}"))
             return
         cols = st.columns(4)
         with st.spinner("Grad-CAM of each photo…"):
@@ -329,13 +331,13 @@ def manage(chosen: list[dict]) -> None:
                 runs.set_meta(target["path"], name=name, tags=tags.split(","))
                 st.rerun()
             except OSError as e:
-                st.error(f"{target['id']}: could not save ({e})")
+                st.error(md_text(f"{target['id']}: could not save ({e})"))
     if st.session_state.get("compare.confirm") != target["id"]:
         if st.button("Delete run…", icon=":material/delete:", key="compare.ask_delete"):
             st.session_state["compare.confirm"] = target["id"]
             st.rerun()
         return
-    st.warning(f"Delete **{target['label']}** (`{target['path']}`) with its checkpoints? This cannot be undone.")
+    st.warning(f"Delete **{md_text(target['label'])}** ({md_text(target['path'])}) with its checkpoints? This cannot be undone.")
     yes, no = st.columns([1, 6])
     if yes.button("Delete", type="primary", key="compare.delete"):
         try:
@@ -343,7 +345,7 @@ def manage(chosen: list[dict]) -> None:
             st.session_state.pop("compare.confirm")
             st.rerun()
         except (runs.RunError, OSError) as e:
-            st.error(str(e))
+            st.error(md_text(e))
     if no.button("Cancel", key="compare.cancel"):
         st.session_state.pop("compare.confirm")
         st.rerun()
@@ -363,9 +365,9 @@ def page() -> None:
         return
     for r in chosen:
         for problem in r["problems"]:
-            st.warning(f"{r['label']}: {problem}", icon=":material/warning:")
+            st.warning(md_text(f"{r['label']}: {problem}"), icon=":material/warning:")
         if not r["rows"]:
-            st.caption(f"{r['label']} has no finished epoch yet.")
+            st.caption(f"{md_text(r['label'])} has no finished epoch yet.")
     with_rows = [r for r in chosen if r["rows"]]
     colours = charts.run_colours([r["label"] for r in chosen])
     evaluated = test_results(chosen)

@@ -13,6 +13,7 @@ from retino.config import CLASS_WEIGHTS, TrainConfig
 from retino.data import DatasetError, load_image, preprocess, read_dataset, stats
 from retino.grades import GRADE_NAMES
 from retino.metrics import class_weights
+from retino.text import md_text
 
 GALLERY_DISPLAY_PX = 360  # originals are shown downscaled: a 3888 px Kaggle photo would weigh megabytes
 TRAINING = TrainConfig()  # the gallery's defaults are what a default run sees
@@ -48,7 +49,7 @@ def load_report():
     try:
         return summarize(str(path), settings.folder_fingerprint(path))
     except DatasetError as e:
-        st.error(str(e), icon=":material/error:")
+        st.error(md_text(e), icon=":material/error:")
         if settings.is_default_data(path):
             st.info("The synthetic set has not been generated yet: run `make data` (or "
                     f"`python -m retino synth {settings.DEFAULT_DATA}`), or choose another folder in the sidebar.")
@@ -60,7 +61,7 @@ def load_report():
 def grades(report: dict) -> None:
     """Counts per split and the accuracy floor of always answering the majority grade."""
     splits = report["splits"]
-    st.caption(f"`{report['path']}` · {report['layout']} layout · split: {report['split'].get('method', 'given')}")
+    st.caption(f"{md_text(report['path'])} · {report['layout']} layout · split: {report['split'].get('method', 'given')}")
     cols = st.columns(len(splits) + 1)
     for col, (split, s) in zip(cols, splits.items()):
         col.metric(f"{split} images", f"{s['n']:,}")
@@ -125,7 +126,7 @@ def gallery(report: dict) -> None:
             try:
                 original, processed = sample_pair(pick["path"], size, ben_graham)
             except Exception as e:  # a file changed since the scan: show why, keep the gallery
-                cells[2 * i].warning(f"{pick['path']}: {e}")
+                cells[2 * i].warning(md_text(f"{pick['path']}: {e}"))
                 continue
             fname = pick["path"].rsplit("/", 1)[-1]
             cells[2 * i].image(original, caption=f"{fname} ({pick['split']})", width="stretch")

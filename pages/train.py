@@ -14,6 +14,7 @@ from retino import charts, compare, dashboard, jobs, plan, runs, settings
 from retino.config import PRESETS, ConfigError, TrainConfig, expand_preset, preset_base
 from retino.data import DatasetError, read_dataset
 from retino.models import list_models, weights_available
+from retino.text import md_text
 
 MAIN = ("arch", "pretrained", "head", "loss", "class_weights", "sampler", "augment", "epochs", "batch_size",
         "image_size", "ben_graham", "optimizer", "lr", "weight_decay", "device", "seed", "name")
@@ -108,7 +109,7 @@ def start(data_path: Path) -> None:
         configs = configs_from_form(str(data_path))
         read_dataset(data_path)  # a bad folder is refused here, before any process starts
     except (ConfigError, DatasetError) as e:
-        st.error(str(e), icon=":material/error:")
+        st.error(md_text(e), icon=":material/error:")
         return
     missing = plan.missing_weights(configs)
     if missing:
@@ -136,7 +137,7 @@ def form() -> None:
         n_runs = len(PRESETS[st.session_state["train.preset"]].runs)
         before_start(data_path)
         with st.form("train-form"):
-            st.caption(f"Data: `{data_path}` (switch it above)")
+            st.caption(f"Data: {md_text(data_path)} (switch it above)")
             for name in MAIN:
                 field_widget(name, disabled=n_runs > 1 and name in ("arch", "pretrained"))
                 if name == "pretrained":
@@ -160,10 +161,10 @@ def active_card(run: runs.RunInfo, label: str) -> None:
     s, rows = run.status, runs.read_metrics(run.path)
     with st.container(border=True):
         head, stop = st.columns([5, 1], vertical_alignment="center")
-        head.markdown(f"**{label}** :blue-badge[{run.state}]  \n`{run.id}`")
+        head.markdown(f"**{md_text(label)}** :blue-badge[{run.state}]  \n{md_text(run.id)}")
         if stop.button("Stop", key=f"stop-{run.id}", icon=":material/stop:"):
-            st.toast(f"Asked {label} to stop after this step" if jobs.stop(run.path)
-                     else f"{label} is not running any more")
+            st.toast(f"Asked {md_text(label)} to stop after this step" if jobs.stop(run.path)
+                     else f"{md_text(label)} is not running any more")
         fraction, text = dashboard.progress(s)
         st.progress(fraction, text=text)
         if run.state != "running":
@@ -193,24 +194,24 @@ def finished_card(run: runs.RunInfo, label: str) -> None:
         summary = (f"best epoch {best.get('epoch')}: QWK {best.get('test_qwk', float('nan')):.3f}, "
                    f"accuracy {100 * best.get('test_acc', float('nan')):.1f}%" if best else "no finished epoch")
         ago = dashboard.ago(time.time() - float(s.get("updated") or run.created))
-        text.markdown(f"**{label}** {icon} · {summary} · {len(rows)}/{s.get('epochs', '?')} epochs · {ago}  \n"
-                      f"`{run.id}`")
+        text.markdown(f"**{md_text(label)}** {icon} · {summary} · {len(rows)}/{s.get('epochs', '?')} epochs · {ago}  \n"
+                      f"{md_text(run.id)}")
         resumable, why_not = dashboard.can_resume(run)
         if resumable and action.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:"):
             try:
                 jobs.resume(run.path)
-                st.toast(f"Resuming {label}")
+                st.toast(f"Resuming {md_text(label)}")
             except runs.RunError as e:
-                st.error(str(e))
+                st.error(md_text(e))
         if run.state == "failed" and s.get("error"):
-            st.error(s["error"], icon=":material/error:")
+            st.error(md_text(s["error"]), icon=":material/error:")
         if why_not:
-            st.caption(why_not)
+            st.caption(md_text(why_not))
         elif run.state == "interrupted":
             st.caption("Its process ended without saying so (killed, or the machine restarted). "
                        "Resume continues from the last saved checkpoint.")
         for problem in run.problems:
-            st.warning(problem)
+            st.warning(md_text(problem))
 
 
 @st.fragment(run_every=2)
@@ -240,6 +241,6 @@ def monitor() -> None:
 form()
 st.title("Train")
 if st.session_state.get("train.started"):
-    st.success("Started " + ", ".join(f"`{n}`" for n in st.session_state.pop("train.started")),
+    st.success("Started " + ", ".join(md_text(n) for n in st.session_state.pop("train.started")),
                icon=":material/rocket_launch:")
 monitor()

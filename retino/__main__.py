@@ -295,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("folder", help="searched recursively for .jpeg/.jpg/.png")
     p.add_argument("--out", help="photo report (.csv); <name>.patients.csv and <name>.json are written beside it "
-                                 "(default: FOLDER/screen-<run id>.csv). Photos already in it are skipped")
+                                 "(default: RUNS/screens/<folder>-<hash>/screen-<run id>.csv). Photos already in "
+                                 "it are skipped; never a run folder or a file a screen did not write")
+    p.add_argument("--max-files", type=int, default=None, metavar="N",
+                   help="refuse a folder of more than N photos (default: 5000)")
+    p.add_argument("--yes", action="store_true", help="screen however many photos the folder holds")
     p.add_argument("--batch-size", type=int, default=16, help="photos a forward pass (default: 16)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and small rotations, 4x the work)")
     p.add_argument("--workers", type=int, default=None,

@@ -173,12 +173,15 @@ def cmd_cam_score(args) -> int:
 def cmd_screen(args) -> int:
     """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
     from . import admission
-    from .screen import ScreenError, screen
+    from .screen import MAX_FILES, ScreenError, screen
+    if args.max_files is not None and args.max_files < 1:
+        raise UserError(f"--max-files must be a whole number >= 1, got {args.max_files}")
+    limit = None if args.yes else (args.max_files if args.max_files is not None else MAX_FILES)
     try:
         result = screen(admission.user_path(args.run_dir, "RUN_DIR"), admission.user_path(args.folder, "FOLDER"),
                         admission.user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
                         workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
-                        progress=not args.quiet)
+                        progress=not args.quiet, max_files=limit)
     except ScreenError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -191,6 +194,8 @@ def cmd_screen(args) -> int:
         return 0
     print(f"{s['photos']} photos ({s['skipped']} already in the report): {s['graded']} graded "
           f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
-    print(f"{s['patients']} patients, {s['referable_patients']} referable when {s['threshold_source']}")
+    print(f"{s['patients']} patients, {s['patients_to_refer']} to refer: {s['referable_patients']} referable, "
+          f"{s['ungraded_patients']} refer: ungraded eye (an eye not graded or ungradable)")
+    print(f"referable when {s['threshold_source']}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0

@@ -403,7 +403,15 @@ def set_meta(run_dir: Path, *, name: str | None = None, tags: list[str] | None =
 
 
 def delete_run(run_dir: Path, root: Path | None = None) -> None:
-    """Delete a run folder (refused for a live one and for anything outside ``root``)."""
+    """Delete a run folder (refused for a live one and for anything outside ``root``).
+
+    A run that is a symlink to another folder loses the link only: the folder it points to may be
+    another run, or another user's, and was never this entry's to delete.
+    """
+    link = _own_entry(run_dir, root)
+    if link is not None:
+        link.unlink()
+        return
     run_dir = resolve_run_dir(run_dir, root)
     try:
         state = read_status(run_dir).get("state")
@@ -412,6 +420,17 @@ def delete_run(run_dir: Path, root: Path | None = None) -> None:
     if state in ACTIVE:
         raise RunError(f"{run_dir.name}: is still {state}; stop it first")
     shutil.rmtree(run_dir)
+
+
+def _own_entry(path, root: Path | None) -> Path | None:
+    """``path`` itself (not what it points to) when it is a symlink whose own place is inside ``root``."""
+    root = Path(root or runs_root()).resolve()
+    p = Path(str(path))
+    for entry in ([p] if p.is_absolute() else [Path.cwd() / p, root / p]):
+        entry = Path(os.path.abspath(entry))
+        if entry.is_symlink() and entry.parent.resolve().is_relative_to(root):
+            return entry
+    return None
 
 
 def run_summary(run_dir: Path) -> dict:

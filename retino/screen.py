@@ -10,8 +10,15 @@ preprocesses and measures it in worker processes exactly as the run was trained
   with its ``error``, never the end of the screen. Rows are appended as each batch finishes, flushed
   and fsynced, so a kill loses at most one batch; at the end the file is rewritten sorted, atomically.
 - ``<name>.patients.csv``: one row per patient (:data:`PATIENT_COLUMNS`), rewritten at the end from
-  every photo row: a patient is referable when either eye is.
+  every photo row: "refer" when either eye is referable, "refer: ungraded eye" when an eye was not
+  graded or was ungradable, else "no referral".
 - ``<name>.json``: what made the report (run, checkpoint, folder, settings, threshold) and a summary.
+
+By default the report goes under the runs folder (:func:`default_report`), never into the folder
+screened; it is never written into a run folder or over a file a screen did not write, and one
+screen at a time holds it. System folders are refused, links out of the folder are not followed,
+and a folder of more than ``max_files`` photos is refused unless the caller asks for it
+(:mod:`retino.screen_paths`).
 
 Re-run with the same report, a screen skips the photos already in it (an interrupted screen resumes);
 a report made with another run or other settings is refused rather than mixed.
@@ -26,7 +33,6 @@ import contextlib
 import copy
 import os
 import signal
-import unicodedata
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,16 +46,18 @@ from . import grading, inference, runs
 from .config import TrainConfig
 from .data import ImageError
 from .data._spawn import spawn_context
-from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, Appender, ScreenError,
-                            default_report, error_row, open_report, patient_table, read_report,
+from .screen_paths import (IMAGE_SUFFIXES, MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
+                           find_photos, report_lock)
+from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
+                            Appender, ScreenError, error_row, open_report, patient_table, read_report,
                             report_paths, table_csv, write_table)
 from .stats import parse_patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
-           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS"]
+           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES", "REFER",
+           "REFER_UNGRADED", "NO_REFERRAL"]
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
 @dataclass
@@ -72,78 +80,20 @@ class ScreenResult:
         """Counts and paths, JSON-safe: what the CLI prints and the page shows."""
         p = self.photos
         graded = p["grade"].notna()
+        status = self.patients["status"].value_counts()
         return {"report": str(self.report), "patients_report": str(self.patients_report), "meta": str(self.meta),
                 "photos": int(len(p)), "graded": int(graded.sum()), "errors": int((~graded).sum()),
                 "ungradable": int((p["quality"] == "ungradable").sum()),
                 "not_fundus": int((p["quality"] == "not_fundus").sum()),
                 "patients": int(len(self.patients)),
-                "referable_patients": int(self.patients["referable"].fillna(False).astype(bool).sum()),
+                "referable_patients": int(status.get(REFER, 0)),
+                "ungraded_patients": int(status.get(REFER_UNGRADED, 0)),  # refer: an eye Retino did not grade
+                "patients_to_refer": int(status.get(REFER, 0) + status.get(REFER_UNGRADED, 0)),
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
                 "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete}
 
 
 # ----------------------------------------------------------------------------- the photos
-
-def _display(text: str) -> tuple[str, str | None]:
-    """A name a CSV row can hold, and why the file cannot be screened under its own name (or None)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the file name is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in text):
-        return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text), \
-            "the file name holds control characters"
-    return text, None
-
-
-def find_photos(folder) -> tuple[list[tuple[str, str]], list[dict]]:
-    """Every JPEG/PNG under ``folder``, recursively, and error rows for what cannot be screened.
-
-    Names starting with "." (hidden files and folders) are skipped. Folders are followed through
-    symlinks once: a folder reached a second time (a symlink loop, or two links) is an error row, as
-    is a file whose name is not UTF-8 or holds control characters, and a folder that cannot be read.
-
-    Returns:
-        ``([(image, path)], [row])``: ``image`` is the path relative to ``folder`` with "/" (the
-        report's key), ``path`` the one to open; sorted by ``image``.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ScreenError(f"{folder}: {'does not exist' if not root.exists() else 'is not a folder'}; "
-                          f"expected a folder of JPEG or PNG photographs")
-    photos, problems, visited = [], [], {}
-
-    def rel(path: str) -> str:
-        return os.path.relpath(path, root).replace(os.sep, "/")
-
-    def unreadable(e: OSError) -> None:
-        problems.append(error_row(_display(rel(e.filename) + "/")[0], f"the folder cannot be read ({e.strerror})"))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        here = rel(dirpath)
-        try:
-            st = os.stat(dirpath)
-        except OSError as e:
-            problems.append(error_row(_display(here + "/")[0], f"the folder cannot be read ({e.strerror})"))
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in visited:
-            problems.append(error_row(_display(here + "/")[0], f"the same folder as {visited[st.st_dev, st.st_ino]}/ "
-                                                             f"(a symlink loop or a second link): screened once"))
-            dirnames[:] = []
-            continue
-        visited[st.st_dev, st.st_ino] = here
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            image, bad = _display(rel(os.path.join(dirpath, name)))
-            if bad:
-                problems.append(error_row(image, bad))
-            else:
-                photos.append((image, os.path.join(dirpath, name)))
-    return sorted(photos), problems
-
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
 
@@ -274,9 +224,24 @@ def _checkpoint_id(trained: inference.Trained) -> str:
         return "unknown"
 
 
-def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, workers: int | None = None,
-           quality_gate: bool = True, device: str = "cpu", on_progress=None, progress: bool = False,
-           stop=None) -> ScreenResult:
+def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **options) -> ScreenResult:
+    """Grade every photograph under ``folder`` with a run, holding the report's lock; see :func:`_screen`.
+
+    The folder is searched and the report's place checked before the model loads: a system folder,
+    more than ``max_files`` photos (None: no limit), a report in a run folder or over a file a screen
+    did not write, and a report another screen is writing are refused in one line.
+    """
+    found = find_photos(folder, limit=max_files)  # the cheap refusals first, before torch loads a model
+    run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
+    paths = report_paths(out if out is not None else default_report(folder, run_dir))
+    check_out(paths)
+    with report_lock(paths):
+        return _screen(run, folder, paths[0], found=found, **options)
+
+
+def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: bool = False,
+            workers: int | None = None, quality_gate: bool = True, device: str = "cpu", on_progress=None,
+            progress: bool = False, stop=None) -> ScreenResult:
     """Grade every photograph under ``folder`` with a run; write the photo and patient reports.
 
     Args:
@@ -285,7 +250,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
         out: the photo report, ``x.csv`` (:func:`report_paths`); default :func:`default_report`.
             Photos already in it are skipped (a resumed screen).
         batch_size: photos a forward pass.
-        tta: average over ``predict.tta_views`` (4x the work).
+        tta: average over ``grading.tta_views`` (4x the work).
         workers: decoding processes (0: decode here; None: :func:`default_workers` for the folder).
         quality_gate: run ``retino.quality.assess``: ``not_fundus`` photos are not graded,
             ``ungradable`` ones are, with the reasons beside the grade.
@@ -293,6 +258,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
             raises stops the screen (the rows written so far stay).
         progress: a tqdm bar on stderr.
         stop: a ``threading.Event``; when set, the screen stops after the current batch.
+        found: :func:`find_photos`'s answer for ``folder`` when the caller has it.
 
     Raises:
         ScreenError: the folder or the report cannot be used (one line).
@@ -305,7 +271,7 @@ def screen(run, folder, out=None, *, batch_size: int = 16, tta: bool = False, wo
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ScreenError("device cuda: no CUDA GPU is available here; use cpu or auto")
-    photos, problems = find_photos(folder)  # the cheap refusals first, before torch loads a model
+    photos, problems = found if found is not None else find_photos(folder)
     run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
     trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \

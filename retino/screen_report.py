@@ -5,6 +5,9 @@ patient (:data:`PATIENT_COLUMNS`), ``<name>.json`` what made the report (its ``k
 checkpoint, folder, settings) and a summary. :func:`open_report` refuses to mix a report made with
 another key and drops a last row cut short by a kill; rows are appended by :class:`Appender`, one
 write a batch, flushed and fsynced.
+
+Text cells that a spreadsheet would run as a formula are written
+with a leading ``'`` (:func:`escape_cell`) and read back without it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,19 @@ from .stats import parse_patient_eye
 PROB_COLUMNS = PROB_COLS  # one definition of the probability columns (retino.choices)
 PHOTO_COLUMNS = ["image", "patient", "eye", "grade", *PROB_COLUMNS, "score", "referable_score", "referable",
                  "quality", "reasons", "error"]
-PATIENT_COLUMNS = ["patient", "referable", "worst_grade", "eyes", "photos", "ungraded"]
+PATIENT_COLUMNS = ["patient", "status", "referable", "worst_grade", "eyes", "photos", "ungraded"]
+TEXT_COLUMNS = ("image", "patient", "eye", "quality", "reasons", "error", "status", "eyes")
+
+# A patient's status. An eye that was not graded (unreadable, not a fundus) or was graded from an
+# ungradable photo gives no evidence that the eye is healthy: screening programmes re-image or refer
+# such a patient rather than pass them (README, "Screening a folder"), so Retino never says
+# "no referral" for them.
+REFER, REFER_UNGRADED, NO_REFERRAL = "refer", "refer: ungraded eye", "no referral"
+STATUSES = (REFER, REFER_UNGRADED, NO_REFERRAL)
+
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV Injection"); "'"
+# itself is escaped too, so that reading a cell back (dropping one "'") gives exactly what was written.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 class ScreenError(ValueError):
@@ -56,9 +71,14 @@ def report_paths(out) -> tuple[Path, Path, Path]:
     return out, out.with_name(f"{stem}.patients.csv"), out.with_name(f"{stem}.json")
 
 
-def default_report(folder, run_dir) -> Path:
-    """``<folder>/screen-<run id>.csv``: beside the photos, so screening the folder again resumes it."""
-    return Path(folder) / f"screen-{Path(run_dir).name}.csv"
+def escape_cell(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: ``'`` before a leading ``= + - @`` tab, CR or ``'``."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def unescape_cell(text: str) -> str:
+    """What :func:`escape_cell` was given."""
+    return text[1:] if text.startswith("'") else text
 
 
 def _cell(value) -> str:
@@ -68,6 +88,8 @@ def _cell(value) -> str:
         return str(bool(value))
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
+    if isinstance(value, str):
+        return escape_cell(value)
     return str(value)
 
 
@@ -115,7 +137,7 @@ def open_report(paths: tuple[Path, Path, Path], key: dict) -> set[str]:
                 f.truncate(data.rindex(b"\n") + 1)
             data = data[:data.rindex(b"\n") + 1]
         lines = data.decode("utf-8", "replace").splitlines()[1:]
-        return {row[0] for row in csv.reader(lines) if row}
+        return {unescape_cell(row[0]) for row in csv.reader(lines) if row}
     try:
         photos.parent.mkdir(parents=True, exist_ok=True)
         runs.write_json(meta, {"key": key})
@@ -152,37 +174,56 @@ def read_report(path) -> pd.DataFrame:
     for col in (*PROB_COLUMNS, "score", "referable_score"):
         table[col] = pd.to_numeric(table[col], errors="coerce").astype(float)
     table["referable"] = table["referable"].map({"True": True, "False": False}).astype("boolean")
+    for col in ("image", "patient", "eye", "quality", "reasons", "error"):
+        table[col] = table[col].map(unescape_cell)
     return table[PHOTO_COLUMNS]
 
 
 def patient_table(photos: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: referable when either eye is; worst_grade the highest graded photo.
+    """One row per patient, with the ``status`` a clinic acts on.
 
-    ``referable`` and ``worst_grade`` are empty for a patient none of whose photos could be graded;
-    ``ungraded`` counts their photos that were not (errors, not a fundus). Referable patients first,
-    then those with no graded photo, then the rest; by worst grade within each.
+    ``status`` is "refer" when any eye is referable; else "refer: ungraded eye" when any of the
+    patient's photos was not graded (unreadable, not a fundus) or was ungradable, since such an eye
+    gives no evidence that it is healthy; else "no referral". ``referable`` is the model's answer on
+    the graded photos, empty where it cannot speak for the patient (no eye referable but an eye not
+    graded); ``worst_grade`` the highest grade given; ``ungraded`` counts the photos not graded or
+    ungradable. Rows by status (refer first), then by worst grade, then by patient.
     """
     photos = photos[photos["patient"].astype(str) != ""]  # folders that could not be searched
     if photos.empty:
         return pd.DataFrame(columns=PATIENT_COLUMNS)
-    by = photos.groupby("patient", sort=False)
+    quality = photos["quality"].astype(str) if "quality" in photos else pd.Series("", index=photos.index)
+    unsure = photos["grade"].isna().to_numpy() | (quality == "ungradable").to_numpy()
+    referable = photos["referable"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    grade = pd.to_numeric(photos["grade"], errors="coerce").astype(float)
+    frame = pd.DataFrame({"patient": photos["patient"].to_numpy(), "referable": referable, "unsure": unsure,
+                          "grade": grade.to_numpy(), "eye": photos["eye"].fillna("").astype(str).to_numpy()})
+    by = frame.groupby("patient", sort=False)
     table = pd.DataFrame({
-        "referable": by["referable"].max(),  # any eye referable; NA when no eye was graded
-        "worst_grade": by["grade"].max(),
+        "any_referable": by["referable"].any(),
+        "any_unsure": by["unsure"].any(),
+        "worst_grade": by["grade"].max(),  # NaN when no photo was graded
         "eyes": by["eye"].agg(lambda eyes: "+".join(sorted({e for e in eyes if e}))),
         "photos": by.size(),
-        "ungraded": photos["grade"].isna().groupby(photos["patient"], sort=False).sum(),
+        "ungraded": by["unsure"].sum(),
     }).reset_index()
-    table["referable"] = table["referable"].astype("boolean")
-    table["worst_grade"] = table["worst_grade"].astype("Int64")
-    rank = table["referable"].map({True: 0, False: 2}).fillna(1)
-    table = table.assign(_rank=rank, _worst=table["worst_grade"].fillna(-1).astype(int))
+    table["status"] = np.select([table["any_referable"], table["any_unsure"]], [REFER, REFER_UNGRADED], NO_REFERRAL)
+    table["referable"] = pd.array([True if r else (None if u else False)
+                                   for r, u in zip(table["any_referable"], table["any_unsure"])], dtype="boolean")
+    table["worst_grade"] = pd.array([None if math.isnan(g) else int(g) for g in table["worst_grade"]], dtype="Int64")
+    table["ungraded"] = table["ungraded"].astype(int)
+    table = table.assign(_rank=table["status"].map({s: i for i, s in enumerate(STATUSES)}),
+                         _worst=table["worst_grade"].fillna(-1).astype(int))
     table = table.sort_values(["_rank", "_worst", "patient"], ascending=[True, False, True], kind="stable")
     return table[PATIENT_COLUMNS].reset_index(drop=True)
 
 
 def table_csv(table: pd.DataFrame) -> bytes:
     """A report table as the CSV bytes written to its file (what the page's download buttons give)."""
+    table = table.copy()
+    for col in table.columns:  # text columns only: a negative score stays a number
+        if col in TEXT_COLUMNS or table[col].dtype == object:
+            table[col] = table[col].map(lambda v: escape_cell(v) if isinstance(v, str) else v)
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g", lineterminator="\n")
     return buf.getvalue().encode("utf-8")

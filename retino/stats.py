@@ -32,6 +32,7 @@ from .metrics import _grades
 _K = len(GRADES)
 METRICS = ("qwk", "accuracy", "macro_f1", "referable_auc", "sensitivity", "specificity")
 _EYE = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECASE)
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,12 +317,14 @@ def parse_patient_eye(image_name: str) -> tuple[str, Optional[str]]:
     """(patient, "left" | "right") from an EyePACS-style ``<patient>_left.jpeg``; else (name, None).
 
     Directories and the extension are ignored for the match. A name that does not pair eyes is its
-    own patient and keeps its full text as the id, so two different files never merge.
+    own patient: its text without an image extension (APTOS's ``000c1434d8d7.png`` is patient
+    ``000c1434d8d7``, the id the data set's CSV uses), its folders kept so two folders never merge.
     """
     name = str(image_name)
     match = _EYE.match(PurePath(name).stem)
     if match is None:
-        return name, None
+        suffix = PurePath(name).suffix
+        return (name[:-len(suffix)] if suffix.lower() in _IMAGE_SUFFIXES and PurePath(name).stem else name), None
     return match["patient"], match["eye"].lower()
 
 

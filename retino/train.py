@@ -69,7 +69,14 @@ def make_criterion(cfg: TrainConfig, train_labels: np.ndarray):
         return lambda out, y: fn(out.float().view(-1), y.float())
     counts = np.bincount(train_labels, minlength=5)
     weight = torch.tensor(metrics.class_weights(counts, cfg.class_weights), dtype=torch.float32)
-    return lambda out, y: F.cross_entropy(out.float(), y, weight=weight.to(out.device))
+    on_device: dict = {}  # the weights copied once per device: a copy each step was a GPU sync each step
+
+    def loss(out, y):
+        w = on_device.get(out.device)
+        if w is None:
+            w = on_device[out.device] = weight.to(out.device)
+        return F.cross_entropy(out.float(), y, weight=w)
+    return loss
 
 
 # ----------------------------------------------------------------------------- checkpoints

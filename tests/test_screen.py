@@ -25,6 +25,7 @@ from retino.data.synthetic import degrade_photo, render_fundus
 from retino.models import build_model, normalization
 from retino.predict import predict
 from retino.screen import ScreenError, patient_table, read_report, screen
+from retino.screen import default_report as screen_default_report
 
 SIZE = 64    # the runs' image size
 PHOTO = 256  # the photos' size
@@ -111,7 +112,7 @@ def test_cli_screens_a_folder_with_bad_files(classify_run, photos, tmp_path):
     bad = rows.loc[["corrupt.jpeg", "empty.jpg", "notes.png"]]
     assert bad["grade"].isna().all() and bad["p0"].isna().all()
     patients = pd.read_csv(out.with_name("day.patients.csv"), dtype={"patient": str})
-    assert list(patients.columns[:4]) == ["patient", "referable", "worst_grade", "eyes"]
+    assert list(patients.columns[:5]) == ["patient", "status", "referable", "worst_grade", "eyes"]
     by_id = patients.set_index("patient")
     assert {"1", "2", "3"} <= set(by_id.index) and "sub/loop/" not in by_id.index
     assert by_id.loc["3", "eyes"] == "left+right" and by_id.loc["3", "photos"] == 2
@@ -256,6 +257,8 @@ def test_patient_table_known_answers():
     assert table.loc["c", "referable"] and table.loc["c", "ungraded"] == 1 and table.loc["c", "eyes"] == "left+right"
     assert pd.isna(table.loc["d", "referable"]) and pd.isna(table.loc["d", "worst_grade"])
     assert table.loc["e", "eyes"] == "" and table.loc["e", "photos"] == 1
+    assert dict(table["status"]) == {"a": "refer", "c": "refer", "d": "refer: ungraded eye", "b": "no referral",
+                                     "e": "no referral"}
 
 
 def test_quality_gate_rejects_a_non_fundus_and_flags_a_dark_one(classify_run, photos, tmp_path):
@@ -313,4 +316,93 @@ def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
     assert list(patients["referable"]) == sorted(patients["referable"], reverse=True)  # referable first
     assert set(patients["patient"]) == {"1", "2"} and len(photo_table) == 4
     assert len(at.get("download_button")) == 2
-    assert (folder / "screen-20260101-000001-better.csv").is_file()  # the default report, beside the photos
+    assert not list(folder.glob("*.csv"))  # the default report is under the runs folder, not among the photos
+    report = screen_default_report(folder, root / "20260101-000001-better")
+    assert report.is_file() and report.is_relative_to(root)
+
+
+# ----------------------------------------------------------------------------- patients with an ungraded eye
+
+def never_referable(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` whose operating point no photo reaches: only an ungraded eye can refer a patient."""
+    return with_evaluation(run, tmp_path, operating_point={"threshold": 1.01, "target_sensitivity": 0.9})
+
+
+def screenshot() -> np.ndarray:
+    words = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(words)
+    for i in range(10):
+        draw.text((20, 20 + 44 * i), f"Screenshot line {i}: File Edit View Help", fill="black")
+    return np.asarray(words)
+
+
+def test_a_refused_left_eye_refers_its_patient_for_the_ungraded_eye(classify_run, tmp_path):
+    grade1 = render_fundus(1, eye="right", size=PHOTO, seed=11)[0]
+    folder = write_photos(tmp_path / "day", {"9_left.jpeg": screenshot(), "9_right.jpeg": grade1,
+                                              "8_left.jpeg": render_fundus(0, eye="left", size=PHOTO, seed=12)[0],
+                                              "8_right.jpeg": render_fundus(1, eye="right", size=PHOTO, seed=13)[0]})
+    result = screen(never_referable(classify_run, tmp_path), folder, tmp_path / "r.csv", workers=0)
+    rows = result.photos.set_index("image")
+    assert rows.loc["9_left.jpeg", "quality"] == "not_fundus" and pd.notna(rows.loc["9_right.jpeg", "grade"])
+    assert not rows["referable"].fillna(False).any()  # no eye is referable at this cut
+    patients = result.patients.set_index("patient")
+    assert patients.loc["9", "status"] == "refer: ungraded eye" and patients.loc["9", "ungraded"] == 1
+    assert pd.isna(patients.loc["9", "referable"])  # never "not referable" while an eye went ungraded
+    assert patients.loc["8", "status"] == "no referral" and not patients.loc["8", "referable"]
+    assert list(result.patients["patient"]) == ["9", "8"]  # the patient to refer first
+    s = result.summary()
+    assert (s["referable_patients"], s["ungraded_patients"], s["patients_to_refer"]) == (0, 1, 1)
+    written = pd.read_csv(result.patients_report, dtype=str, keep_default_na=False).set_index("patient")
+    assert written.loc["9", "status"] == "refer: ungraded eye" and written.loc["8", "status"] == "no referral"
+
+
+def test_an_ungradable_eye_refers_its_patient_too(classify_run, photos, tmp_path):
+    dark = degrade_photo(photos["1_right.jpeg"], "dark", seed=1)[0]
+    folder = write_photos(tmp_path / "day", {"7_left.jpeg": photos["1_left.jpeg"], "7_right.jpeg": dark})
+    result = screen(never_referable(classify_run, tmp_path), folder, tmp_path / "r.csv", workers=0)
+    assert result.photos.set_index("image").loc["7_right.jpeg", "quality"] == "ungradable"
+    assert result.patients.set_index("patient").loc["7", "status"] == "refer: ungraded eye"
+
+
+def test_patient_ids_drop_the_file_extension(classify_run, photos, tmp_path):
+    folder = write_photos(tmp_path / "day", {"000c1434d8d7.png": photos["1_left.jpeg"],
+                                              "sub/1a2b.JPG": photos["1_right.jpeg"]})
+    result = screen(classify_run, folder, tmp_path / "r.csv", workers=0, quality_gate=False)
+    assert sorted(result.photos["patient"]) == ["000c1434d8d7", "sub/1a2b"]
+    assert sorted(result.patients["patient"]) == ["000c1434d8d7", "sub/1a2b"]
+
+
+@pytest.mark.parametrize("content", ["empty", "not_fundus"])
+def test_a_folder_where_nothing_can_be_graded_writes_every_file(classify_run, tmp_path, content):
+    folder = tmp_path / "day"
+    folder.mkdir()
+    if content == "empty":
+        (folder / "5_left.jpg").write_bytes(b"")
+    else:
+        write_photos(folder, {"5_left.jpg": screenshot(), "5_right.jpg": screenshot()})
+    result = screen(classify_run, folder, tmp_path / "r.csv", workers=0)
+    assert result.photos["grade"].isna().all() and result.complete
+    assert result.report.is_file() and result.patients_report.is_file() and result.meta.is_file()
+    patient = pd.read_csv(result.patients_report, dtype=str, keep_default_na=False).set_index("patient").loc["5"]
+    assert patient["status"] == "refer: ungraded eye" and patient["referable"] == "" and patient["worst_grade"] == ""
+    assert result.summary()["ungraded_patients"] == 1
+
+
+def test_screen_page_shows_a_patient_with_a_refused_eye_as_referred(photos, tmp_path):
+    run = never_referable(fresh_run(tmp_path / "src" / "20260101-000000-run"), tmp_path)
+    shutil.copytree(run, runs.runs_root() / run.name)
+    folder = write_photos(tmp_path / "day", {"9_left.jpeg": screenshot(), "9_right.jpeg": photos["2_left.jpeg"]})
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/screen.py").run()
+    at.text_input(key="screen.folder").input(str(folder))
+    at.number_input(key="screen.workers").set_value(0)
+    at.run()
+    at.button(key="screen.start").click().run()
+    assert not at.exception, at.exception
+    patients = at.dataframe[0].value
+    assert list(patients["status"]) == ["refer: ungraded eye"]
+    assert [m.value for m in at.metric][:2] == ["1", "1"]  # 1 patient, 1 to refer
+    assert any("0 referable, 1 refer: ungraded eye" in m.value for m in at.markdown)
+    at.multiselect(key="screen.status").set_value(["no referral"]).run()
+    assert at.dataframe[0].value.empty  # the status filter

@@ -206,9 +206,10 @@ def test_runs_on_different_images_are_refused():
     ("10_left.jpeg", ("10", "left")),
     ("train/13_RIGHT.png", ("13", "right")),
     ("a_b_left", ("a_b", "left")),
-    ("000c1434d8d7.png", ("000c1434d8d7.png", None)),
-    ("left.png", ("left.png", None)),
-    ("IDRiD_01.jpg", ("IDRiD_01.jpg", None)),
+    ("000c1434d8d7.png", ("000c1434d8d7", None)),  # the id APTOS's CSV uses
+    ("left.png", ("left", None)),
+    ("notes.txt", ("notes.txt", None)),  # only an image extension is dropped
+    ("IDRiD_01.jpg", ("IDRiD_01", None)),
 ])
 def test_parse_patient_eye(name, expected):
     assert stats.parse_patient_eye(name) == expected
@@ -217,7 +218,7 @@ def test_parse_patient_eye(name, expected):
 def test_patient_level_takes_the_worse_eye_and_the_higher_score():
     names = ["7_left.jpeg", "7_right.jpeg", "9_left.jpeg", "9_right.jpeg", "solo.png"]
     ids, y_ref, score = stats.patient_level(stats.patient_ids(names), [0, 3, 1, 0, 2], [0.9, 0.2, 0.1, 0.4, 0.3])
-    assert ids.tolist() == ["7", "9", "solo.png"]
+    assert ids.tolist() == ["7", "9", "solo"]
     assert y_ref.tolist() == [True, False, True]
     assert score.tolist() == [0.9, 0.4, 0.3]
 
