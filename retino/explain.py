@@ -21,7 +21,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from . import inference
 from .data import ImageError
-from .predict import Prediction, load
 
 # name -> pytorch-grad-cam class. On these ResNets (global average pool, then one linear layer) the
 # gradient at layer4 is the same at every position, so HiResCAM's map equals Grad-CAM's (Draelos &
@@ -192,17 +191,15 @@ def explain(model, image, *, method: str = "gradcam", target: int | None = None,
         ValueError: unknown method or a target outside 0-4.
     """
     trained = inference.as_trained(model)
-    if isinstance(image, Prediction):
+    if hasattr(image, "seen") and hasattr(image, "ok"):  # a retino.predict.Prediction (not imported: it grades here)
         if not image.ok:
             raise ImageError(image.error)
         seen, keep = image.seen, image.mask
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
         seen, keep = image, None
     else:
-        pred, _ = load(image, trained, inference.input_name(image, 0))
-        if not pred.ok:
-            raise ImageError(pred.error)
-        seen, keep = pred.seen, pred.mask
+        prepared = inference.prepare_input(image, trained.config, inference.input_name(image, 0))
+        seen, keep = prepared.seen, prepared.mask
     keep = keep if mask is None else np.asarray(mask, bool)
     if keep is not None and keep.shape != seen.shape[:2]:
         raise ValueError(f"mask has shape {keep.shape}, the image {seen.shape[:2]}")
