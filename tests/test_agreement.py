@@ -96,6 +96,7 @@ def test_every_door_gives_the_same_answer(photo_folder, agreement_runs, tmp_path
 
     r = run_cli("evaluate", run, "--json")
     assert r.returncode == 0, r.stderr
+    evaluate_cut = json.loads(r.stdout)["referral"]["threshold"]
     table = pd.read_csv(run / "predictions.csv", dtype={"image": str})
     evaluated = table[table["split"] == "test"].set_index("image")
 
@@ -122,6 +123,12 @@ def test_every_door_gives_the_same_answer(photo_folder, agreement_runs, tmp_path
             e = evaluated.loc[name]
             row["evaluate"] = (int(e["grade"]), bool(e["referable"]), p["quality"]["verdict"])
         rows.append(row)
+    # the rule itself, not only the answers (tiny models may leave no photo between two doors' cuts)
+    cuts = {"predict": {p["referable_threshold"] for p in predicted.values() if "error" not in p},
+            "screen": {json.loads((tmp_path / "screen.json").read_text())["summary"]["threshold"]},
+            "evaluate": {evaluate_cut},
+            "export": {json.loads((model.parent / "model.onnx.json").read_text())["postprocessing"]["referral"]["threshold"]}}
+    assert len(set().union(*cuts.values())) == 1, f"{run.name}: the doors cut at different scores: {cuts}"
     disagree = [row for row in rows if len({v for k, v in row.items() if k != "photo"}) > 1]
     assert not disagree, f"{run.name}: the doors disagree on {len(disagree)} of {len(rows)} photos: {disagree[:3]}"
     assert {"900_left", "901_right"} <= {row["photo"] for row in rows}
