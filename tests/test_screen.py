@@ -325,7 +325,7 @@ def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
 
 def never_referable(run: Path, tmp_path: Path) -> Path:
     """A copy of ``run`` whose operating point no photo reaches: only an ungraded eye can refer a patient."""
-    return with_evaluation(run, tmp_path, operating_point={"threshold": 1.01, "target_sensitivity": 0.9})
+    return with_evaluation(run, tmp_path, operating_point={"threshold": 1.0, "target_sensitivity": 0.9})
 
 
 def screenshot() -> np.ndarray:
