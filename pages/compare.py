@@ -17,7 +17,7 @@ from retino.text import md_text
 
 PERCENT = {"accuracy", "macro_f1", "balanced_acc", "sens_at_90spec", "majority_acc", "acc_over_majority"}
 HEADINGS = {"run": "run", "best_epoch": "best epoch", "epochs": "epochs", "accuracy": "accuracy", "qwk": "QWK",
-            "macro_f1": "macro-F1", "balanced_acc": "bal. acc.", "ref_auc": "ref. AUC",
+            "macro_f1": "macro-F1", "balanced_acc": "bal. acc.", "ref_auc": "ref. AUC (uncalibrated)",
             "sens_at_90spec": "sens@90%spec", "majority_acc": "majority", "acc_over_majority": "acc − majority"}
 
 

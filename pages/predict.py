@@ -15,6 +15,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from retino import charts, compare, dashboard, explain, predict, runs, settings
+from retino.choices import PROB_COLS
 from retino.data import DatasetError, read_dataset
 from retino.data.preprocess import MAX_BYTES
 from retino.grades import GRADE_INFO, GRADES
@@ -82,7 +83,9 @@ def pick_run():
     m1.metric("Best epoch", top.get("epoch", "–"))
     m2.metric("Test QWK", f"{top['test_qwk']:.3f}" if top.get("test_qwk") is not None else "–")
     m3.metric("Test accuracy", f"{top['test_acc']:.1%}" if top.get("test_acc") is not None else "–")
-    m4.metric("Referable AUC", f"{top['test_ref_auc']:.3f}" if top.get("test_ref_auc") is not None else "–")
+    m4.metric("Ref. AUC (epoch, uncalibrated)", f"{top['test_ref_auc']:.3f}" if top.get("test_ref_auc") is not None
+              else "–", help="metrics.jsonl's figure, before the temperature; the test report's referable AUC "
+                             "(Compare page, evaluate) is after it")
     return run
 
 
@@ -161,8 +164,8 @@ def results_table(preds, truth) -> None:
                  column_config={"grade_name": "ICDR name", "true_grade": "true grade",
                                 "score": st.column_config.NumberColumn("raw score", format="%.2f"),
                                 "referable": st.column_config.CheckboxColumn("referable"),
-                                **{f"p{g}": st.column_config.NumberColumn(f"P(grade {g})", format="percent")
-                                   for g in GRADES}})
+                                **{col: st.column_config.NumberColumn(f"P(grade {g})", format="percent")
+                                   for g, col in enumerate(PROB_COLS)}})
     st.download_button("Download the table (CSV)", table.to_csv(index=False), file_name="predictions.csv",
                        mime="text/csv", icon=":material/download:", key="predict.download")
 
@@ -202,7 +205,7 @@ def show_map(trained, run_key, pred, digest, method, target, contrast, opacity) 
     if not regress:
         g2.caption(f"Probabilities calibrated (temperature {pred.temperature:.2f}, chosen on "
                    f"{trained.selected_on or 'val'})." if pred.temperature else
-                   "Probabilities not calibrated: this run has no temperature (it predates evaluation.json).")
+                   "Probabilities not calibrated: no temperature applies to this checkpoint (see the note above).")
 
 
 def referral_line(pred, trained) -> str:
@@ -210,8 +213,9 @@ def referral_line(pred, trained) -> str:
     what = "score" if pred.probs is None else "P(grade ≥ 2)"
     where = ("at this run's operating point" if trained.operating_point
              else "by the default rule (this run has no operating point)")
+    why = f" — {pred.referable_why}" if pred.referable_why else ""
     return (f"Referable {where}: **{'yes' if pred.referable else 'no'}** ({what} {pred.referable_score:.2f}, "
-            f"threshold {pred.referable_threshold:.2f})")
+            f"threshold {pred.referable_threshold:.2f}){why}")
 
 
 def page() -> None:
@@ -231,10 +235,17 @@ def page() -> None:
         st.info("Upload photographs or pick samples to grade them.", icon=":material/upload:")
         return
     tta, method, target, contrast, opacity = map_options(trained)
-    with st.spinner("Grading…"):
-        digests = [hashlib.sha1(data).hexdigest() for _, data in photos]
-        preds = [grade_photo(run_key, name, d, tta, not st.session_state.get(f"predict.anyway.{d}"), trained, data)
-                 for (name, data), d in zip(photos, digests)]
+    digests = [hashlib.sha1(data).hexdigest() for _, data in photos]
+    bar = st.progress(0.0, text=f"Grading 0 of {len(photos)} photos…") if len(photos) > 1 else None
+    preds = []
+    for (name, data), d in zip(photos, digests):
+        preds.append(grade_photo(run_key, name, d, tta, not st.session_state.get(f"predict.anyway.{d}"), trained, data))
+        if bar is not None:
+            bar.progress(len(preds) / len(photos), text=f"Grading {len(preds)} of {len(photos)} photos…")
+    if bar is not None:
+        bar.empty()
+    for note in trained.notes:  # choices missing or made for another epoch: said, with how to make them
+        st.warning(note, icon=":material/info:")
     verdicts(preds, digests)
     results_table(preds, truth)
     graded = {d: p for p, d in zip(preds, digests) if p.ok}  # digest -> prediction: stable across reruns

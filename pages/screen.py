@@ -162,7 +162,6 @@ m4.metric("Not graded", f"{s['errors']:,}", help=f"unreadable files, and {s['not
 st.markdown(f"**{s['referable_patients']:,} referable, {s['ungraded_patients']:,} refer: ungraded eye** "
             f"(an eye that was not graded, or was graded from an ungradable photo, is never passed), "
             f"{s['patients'] - s['patients_to_refer']:,} no referral.")
-st.caption(f"Referable: P(grade ≥ 2) (or the regression score) ≥ {s['threshold']:.4g}, "
-           f"{md_text(s['threshold_source'])}. {s['skipped']:,} photos were already in the report. "
+st.caption(f"Referable when {md_text(s['threshold_source'])}. {s['skipped']:,} photos were already in the report. "
            f"Report: {md_text(s['report'])}")
 show_table(result.photos, result.patients, "screen", result.report)

@@ -196,11 +196,12 @@ def cmd_compare(args) -> int:
 
 def cmd_check_run(args) -> int:
     """Whole or not (exit 1), and in either case the run's state, epochs and missing checkpoints."""
+    from .choices import run_problems
     from .runs import check_run, run_summary
     folder = Path(args.run_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such run folder")
-    problems = check_run(folder)
+    problems = check_run(folder) + run_problems(folder)
     summary = run_summary(folder)
     if args.json:
         _print_json({"run": args.run_dir, "whole": not problems, "problems": problems, **summary})
@@ -295,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, type=str.lower, choices=["onnx", "torchscript"])
     p.add_argument("--out", help="the model file, or a folder for model.onnx / model.pt "
-                                 "(default: RUN_DIR/export/); the JSON is written beside it")
+                                 "(default: exports/RUN_NAME/); its JSON is the model's name plus .json; "
+                                 "never inside a run folder")
+    p.add_argument("--force", action="store_true", help="replace an existing model or JSON file")
+    p.add_argument("--unfinished", action="store_true",
+                   help="export a run that is still training or failed (its choices may not be made)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cam-score", help="how well Grad-CAM points at the synthetic lesions")

@@ -55,22 +55,35 @@ def _cam_path(cam_dir: Path, image: str, used: set) -> Path:
     return cam_dir / name
 
 
-def _write_cams(trained, preds, cam_dir: Path, method: str) -> dict[int, str]:
-    """Each graded photo's map over the photo itself, at its own size: ``{index: path}``."""
+def _write_cams(preds, cam_dir: Path) -> dict[int, str]:
+    """Each graded photo's map (from its grading pass) over the photo, at the photo's own size: ``{index: path}``.
+
+    Laid over the photo as decoded for grading and scaled to the size its header gives: no second decode.
+    """
     import numpy as np
     from PIL import Image
-    from .explain import explain, overlay_on_photo
-    from .inference import decode
+    from .explain import overlay_on_photo
     cam_dir.mkdir(parents=True, exist_ok=True)
     cams, used = {}, set()
     for i, p in enumerate(preds):
-        if p.ok:
-            heat = explain(trained, p, method=method).heatmap
-            photo = np.asarray(decode(p.image, p.image))  # full size (the model's copy may be draft-decoded)
+        if p.ok and p.heatmap is not None:
+            picture = Image.fromarray(overlay_on_photo(np.asarray(p.original), p.heatmap, p.crop))
+            size = _stored_size(p.image) or picture.size
             path = _cam_path(cam_dir, p.image, used)
-            Image.fromarray(overlay_on_photo(photo, heat, p.crop)).save(path)
+            (picture if picture.size == size else picture.resize(size, Image.BILINEAR)).save(path)
             cams[i] = str(path)
     return cams
+
+
+def _stored_size(path) -> tuple[int, int] | None:
+    """(W, H) of an image file upright, from its header (nothing is decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # EXIF: rotated by 90 degrees
+    except (OSError, ValueError):
+        return None
 
 
 def _predict_header(trained) -> str:
@@ -79,9 +92,10 @@ def _predict_header(trained) -> str:
     calib = ""
     if trained.config.head == "classify":
         calib = (f"; probabilities calibrated (temperature {trained.temperature:.3g})" if trained.temperature
-                 else "; probabilities not calibrated (the run has no evaluation.json)")
+                 else "; probabilities not calibrated")
+    notes = "".join(f"\nnote: {n}" for n in trained.notes)  # what is missing or stale, and how to make it
     return (f"{trained.run_dir}: {trained.checkpoint} (epoch {trained.epoch}){calib}\n"
-            f"referable when {referral(trained)[1]}")
+            f"referable when {referral(trained)[1]}{notes}")
 
 
 def _predict_line(p, cam: str | None) -> str:
@@ -90,6 +104,8 @@ def _predict_line(p, cam: str | None) -> str:
         return f"{p.image}: rejected: {p.reason}"
     detail = f"score {p.score:.2f}" if p.score is not None else "p = " + " ".join(f"{q:.2f}" for q in p.probs)
     line = f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}  referable: {'yes' if p.referable else 'no'}"
+    if p.referable_why:
+        line += f" ({p.referable_why})"
     q = p.quality or {}
     if q.get("verdict", "ok") != "ok":
         line += f"  quality: {q['verdict']} ({'; '.join(q['reasons'])})"
@@ -106,8 +122,9 @@ def cmd_predict(args) -> int:
         if cam_dir.exists() and not cam_dir.is_dir():  # found now, not after grading everything
             raise UserError(f"--cam-dir {cam_dir}: exists and is not a folder")
     trained = load_trained(args.run_dir)
-    preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate)
-    cams = _write_cams(trained, preds, cam_dir, args.cam_method) if cam_dir else {}
+    preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate,
+                    cam=args.cam_method if cam_dir else None)
+    cams = _write_cams(preds, cam_dir) if cam_dir else {}
     source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch}
     if args.json:
         _print_json([{**p.as_dict(), **source, "cam": cams.get(i)} if p.ok else p.as_dict()
@@ -128,7 +145,8 @@ def cmd_export(args) -> int:
     from .export import export_run
     out = admission.user_path(args.out, "--out") if args.out else None
     try:
-        model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out)
+        model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out,
+                                           force=args.force, unfinished=args.unfinished)
     except ImportError as e:  # onnx is an optional extra
         raise UserError(f"--format {args.format} needs the {e.name or 'onnx'} package: pip install onnx onnxruntime")
     except OSError as e:
@@ -178,6 +196,6 @@ def cmd_screen(args) -> int:
           f"({s['ungradable']} ungradable), {s['errors']} not graded ({s['not_fundus']} not a fundus)")
     print(f"{s['patients']} patients, {s['patients_to_refer']} to refer: {s['referable_patients']} referable, "
           f"{s['ungraded_patients']} refer: ungraded eye (an eye not graded or ungradable)")
-    print(f"referable: P(grade >= 2) or score >= {s['threshold']:.4g} ({s['threshold_source']})")
+    print(f"referable when {s['threshold_source']}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0

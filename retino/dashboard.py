@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from . import evaluate, runs
+from . import choices, evaluate, report, runs
 from .data import read_dataset
 
 PREDICTABLE = ("completed", "stopped")  # states whose best checkpoint Predict offers
@@ -83,7 +83,7 @@ def read_evaluation(run_dir) -> tuple | None:
     run_dir = Path(run_dir)
     if not all((run_dir / name).is_file() for name in ("predictions.csv", "evaluation.json")):
         return None
-    return evaluate.read_predictions(run_dir), runs.read_json(run_dir / "evaluation.json")
+    return report.read_predictions(run_dir), choices.read_evaluation(run_dir)
 
 
 def read_test_report(run_dir) -> dict | None:
@@ -102,7 +102,7 @@ def read_test_report(run_dir) -> dict | None:
     if saved is None:
         return None
     table, chosen = saved
-    return evaluate.report(table, chosen, split="test", epoch=chosen.get("epoch"))
+    return report.report(table, chosen, split="test", epoch=chosen.get("epoch"))
 
 
 def evaluate_once(run_dir) -> dict:
@@ -118,7 +118,7 @@ def evaluate_once(run_dir) -> dict:
         raise runs.RunError(f"{run.id} is {run.state}, not finished: it is evaluated when it completes, "
                             "not before")
     table, chosen = evaluate.ensure_predictions(run_dir)
-    return evaluate.report(table, chosen, split="test", epoch=chosen.get("epoch"))
+    return report.report(table, chosen, split="test", epoch=chosen.get("epoch"))
 
 
 def image_files(config: dict, split: str = "test") -> dict[str, str]:

@@ -21,7 +21,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from . import inference
 from .data import ImageError
-from .predict import Prediction, load
 
 # name -> pytorch-grad-cam class. On these ResNets (global average pool, then one linear layer) the
 # gradient at layer4 is the same at every position, so HiResCAM's map equals Grad-CAM's (Draelos &
@@ -103,10 +102,13 @@ def _check_grade(value, n_out: int, what: str) -> None:
 
 
 def class_activation_maps(trained: inference.Trained, seen: np.ndarray, targets: list[int | None],
-                          method: str = "gradcam", contrast: int | None = 0) -> tuple[np.ndarray, torch.Tensor]:
+                          method: str = "gradcam", contrast: int | None = 0,
+                          features: list | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Maps (B, S, S) float32 in [0, 1] and model outputs (B, K) for a batch of preprocessed images.
 
     ``seen``: (B, S, S, 3) uint8; ``targets``: the grade each map explains (None = predicted).
+    ``features``: a list that receives the penultimate features (B, d) of the map's own forward
+    pass (the first pass: methods such as Score-CAM run more), so grading needs no second pass.
     """
     check_method(method)
     model = trained.model
@@ -125,12 +127,19 @@ def class_activation_maps(trained: inference.Trained, seen: np.ndarray, targets:
     with inference.model_lock(model), torch.inference_mode(False), torch.enable_grad():  # CAMs need autograd
         x = inference.model_input(seen, inference.device_of(trained), trained.norm)  # (B, 3, S, S)
         hook = layer.register_forward_hook(_cut_below)  # registered first, so it runs before the CAM's hooks
+        caught: list = []
+        fc_hook = (model.fc.register_forward_pre_hook(lambda _m, inp: caught.append(inp[0].detach()))
+                   if features is not None else None)
         try:
             with CAM_METHODS[method](model=model, target_layers=[layer]) as cam:
                 maps = cam(input_tensor=x, targets=cam_targets)  # (B, S, S)
                 outputs = cam.outputs.detach().float()  # (B, K): the prediction of the same pass
         finally:
             hook.remove()
+            if fc_hook is not None:
+                fc_hook.remove()
+        if features is not None and caught:
+            features.append(torch.flatten(caught[0], 1).float())
     if maps is None:
         raise RuntimeError(f"{method} produced no map (see the message printed above)")
     return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0), outputs
@@ -182,17 +191,15 @@ def explain(model, image, *, method: str = "gradcam", target: int | None = None,
         ValueError: unknown method or a target outside 0-4.
     """
     trained = inference.as_trained(model)
-    if isinstance(image, Prediction):
+    if hasattr(image, "seen") and hasattr(image, "ok"):  # a retino.predict.Prediction (not imported: it grades here)
         if not image.ok:
             raise ImageError(image.error)
         seen, keep = image.seen, image.mask
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
         seen, keep = image, None
     else:
-        pred = load(image, trained, inference.input_name(image, 0))
-        if not pred.ok:
-            raise ImageError(pred.error)
-        seen, keep = pred.seen, pred.mask
+        prepared = inference.prepare_input(image, trained.config, inference.input_name(image, 0))
+        seen, keep = prepared.seen, prepared.mask
     keep = keep if mask is None else np.asarray(mask, bool)
     if keep is not None and keep.shape != seen.shape[:2]:
         raise ValueError(f"mask has shape {keep.shape}, the image {seen.shape[:2]}")

@@ -1,10 +1,9 @@
 """Inference: a run's model loaded from its own checkpoint, inputs prepared as the run was trained.
 
-What :mod:`retino.predict`, :mod:`retino.explain`, :mod:`retino.pointing`, :mod:`retino.evaluate`
-and the Predict page share: :func:`load_trained` (the architecture, weights, image size, Ben Graham
-setting, normalisation and thresholds the run saved, never today's widget values; the temperature
-and referral operating point chosen on val, ``evaluation.json``; the out-of-distribution model,
-``ood.npz``), :func:`prepare_input` (decode and preprocess one input), :func:`model_input` (uint8
+What :mod:`retino.grading`, :mod:`retino.explain`, :mod:`retino.pointing`, :mod:`retino.evaluate`
+and the pages share: :func:`load_trained` (the architecture and weights, with the run's choices read
+once by :func:`retino.choices.read_choices`: image size, Ben Graham setting, normalisation,
+thresholds, temperature, operating point and OOD model, never today's widget values), :func:`prepare_input` (decode and preprocess one input), :func:`model_input` (uint8
 images to the normalised tensor, the inference twin of :func:`retino.data.loaders.to_input`),
 :func:`forward` / :func:`forward_features`, :func:`read_output` and :func:`referral`.
 
@@ -16,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -24,18 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import metrics, ood, runs
+from . import choices, metrics, ood, runs
 from .config import TrainConfig
 from .data import ImageError, load_image, preprocess
 from .data.loaders import normalize, to_float
 from .data.preprocess import MAX_PIXELS, _placement, _to_rgb, exif_upright, fundus_bbox
-from .grades import DEFAULT_THRESHOLDS, REFERABLE_GRADE
+from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
 
 ORIGINAL_MAX_PX = 1024  # the decoded photo kept for display is shrunk to this side at most
-# Referable without an operating point chosen on val: P(grade >= 2) >= 0.5, or a regression score at or
-# above the boundary between grades 1 and 2 (issue 11 §3; retino.screen uses the same cuts)
-DEFAULT_REFERRAL = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Module -> threading.Lock
 _LOCKS_GUARD = threading.Lock()
 
@@ -55,67 +51,43 @@ class Trained:
     operating_point: dict | None = None  # {"threshold", "target_sensitivity", ...} chosen on val, or None
     selected_on: str | None = None       # "val", or "test" for a run made before the val split
     ood: dict | None = None              # retino.ood.fit_run_ood's model (ood.npz), or None
+    notes: list = field(default_factory=list)  # choices missing or stale, and how to make them
 
 
 def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> Trained:
-    """Build the run's architecture and load its checkpoint (weights_only: no pickled code runs).
+    """Build the run's architecture and load its checkpoint (weights_only: no pickled code runs), with
+    the run's choices for it (:func:`retino.choices.read_choices`: every file read once and checked).
 
     Raises:
-        RunError: the run folder does not exist, or the checkpoint is missing or not Retino's.
+        RunError: the run folder does not exist, the checkpoint is missing or not Retino's, or a run
+            file holds what cannot be applied (one line naming the file and field).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: the run folder does not exist")
     ckpt = runs.load_checkpoint(run_dir / checkpoint)
+    ch = choices.read_choices(run_dir, checkpoint, ckpt=ckpt)
     try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
-        model = build_model(cfg.arch, pretrained=False, head=cfg.head)
+        model = build_model(ch.config.arch, pretrained=False, head=ch.config.head)
         model.load_state_dict(ckpt["model"])
-        norm = (tuple(ckpt["norm"]["mean"]), tuple(ckpt["norm"]["std"]))
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load ({e})") from None
     model.to(device).eval()
-    thresholds = list(ckpt.get("thresholds") or DEFAULT_THRESHOLDS)
-    trained = Trained(model, cfg, norm, thresholds, int(ckpt.get("epoch", 0)), run_dir, checkpoint)
-    if checkpoint == "best.pt":  # what evaluation.json and ood.npz were made for: the chosen checkpoint
-        _add_choices(trained)
-        try:
-            trained.ood = ood.read_run_ood(run_dir, trained.epoch)
-        except ValueError:  # a damaged ood.npz: predict without the model's view rather than not at all
-            trained.ood = None
-    return trained
+    return from_choices(model, ch)
 
 
-def _add_choices(trained: Trained) -> None:
-    """Temperature and operating point from ``evaluation.json``, when it was made for this checkpoint."""
-    from .evaluate import read_chosen  # evaluate imports this module
-    chosen = read_chosen(trained.run_dir)
-    if not chosen or chosen.get("epoch") not in (None, trained.epoch):
-        return
-    if trained.config.head == "classify" and chosen.get("temperature") is not None:
-        trained.temperature = float(chosen["temperature"])
-    op = chosen.get("operating_point") or {}
-    if op.get("threshold") is not None:
-        trained.operating_point = dict(op)
-    trained.selected_on = chosen.get("selected_on")
+def from_choices(model: torch.nn.Module, ch: choices.Choices) -> Trained:
+    """A ``Trained`` for ``model`` applying the run's choices ``ch``."""
+    return Trained(model, ch.config, ch.norm, list(ch.thresholds), ch.epoch, ch.run_dir, ch.checkpoint,
+                   temperature=ch.temperature, operating_point=ch.operating_point, selected_on=ch.selected_on,
+                   ood=ch.ood, notes=list(ch.notes))
 
 
 def referral(trained: Trained) -> tuple[float, str]:
-    """The cut a referable score is compared with (``score >= cut``) and the rule in words.
-
-    The run's operating point (chosen on val for a target sensitivity) where it has one, else
-    ``DEFAULT_REFERRAL``. The referable score is P(grade >= 2) after the run's temperature
-    (classify head) or the raw score (regress head).
-    """
-    what = "score" if trained.config.head == "regress" else f"P(grade >= {REFERABLE_GRADE})"
-    op = trained.operating_point
-    if op and op.get("threshold") is not None:
-        cut = float(op["threshold"])
-        target = op.get("target_sensitivity")
-        chosen = f"chosen on {trained.selected_on or 'val'}" + (f" for sensitivity {target:.2f}" if target else "")
-        return cut, f"{what} >= {cut:.3g}: the run's operating point, {chosen}"
-    cut = DEFAULT_REFERRAL[trained.config.head]
-    return cut, f"{what} >= {cut:g}: the default, as the run has no operating point"
+    """The cut a referable score is compared with (``score >= cut``) and the rule in words
+    (:func:`retino.choices.referral_cut`, the one definition)."""
+    return choices.referral_cut(trained.config.head, trained.operating_point, trained.thresholds,
+                                trained.selected_on)
 
 
 def as_trained(run_or_model, checkpoint: str = "best.pt") -> Trained:
@@ -316,4 +288,4 @@ def read_output(out: torch.Tensor, trained: Trained) -> tuple[int, list[float] |
 
 def referable_score(probs: list[float] | None, score: float | None) -> float:
     """P(grade >= 2) from a classify head's probabilities, or a regress head's raw score."""
-    return float(score) if probs is None else float(sum(probs[REFERABLE_GRADE:]))
+    return float(score) if probs is None else choices.p_referable(probs)

@@ -132,7 +132,8 @@ def referable_score_from_probs(probs) -> np.ndarray:
     probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape[1] != len(GRADES):
         raise ValueError(f"probs must have shape (N, {len(GRADES)}), got {probs.shape}.")
-    return probs[:, REFERABLE_GRADE:].sum(axis=1)
+    from .choices import p_referable  # the one definition of the referral rule's score
+    return p_referable(probs)
 
 
 def majority_baseline(y_true) -> dict:

@@ -1,27 +1,23 @@
 """Predict: grade photographs with a trained run, optionally averaged over test-time augmentation.
 
-``predict`` decodes and preprocesses each photograph exactly as the run was trained (through
-:mod:`retino.inference`), puts it through the quality gate (:mod:`retino.quality`: a photo that is
-not a fundus is not graded; an ungradable one is graded with the reasons), grades it with the run's
-calibrated probabilities and says whether it is referable at the run's operating point. It returns
-one :class:`Prediction` per input, a rejected file included.
+``predict`` is the one grading path (:mod:`retino.grading`) over a list of inputs: each photograph
+decoded once and preprocessed exactly as the run was trained, judged by the quality gate with the
+model's own view (a photo that is not a fundus is not graded; an ungradable one is graded with the
+reasons), graded with the run's calibrated probabilities and its referral rule
+(:mod:`retino.choices`). It returns one :class:`Prediction` per input, a rejected file included.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from . import inference, ood, quality
+from . import grading, inference
+from .choices import PROB_COLS
 from .data import ImageError
-from .grades import GRADE_INFO, GRADES
-
-TTA_ANGLES = (10.0, -10.0)  # degrees; well inside training's +-30 (ANCHORS.md: the lab report's augmentation)
+from .grades import GRADE_INFO
 
 
 @dataclass
@@ -43,9 +39,12 @@ class Prediction:
     referable_score: float | None = None        # P(grade >= 2) after the temperature, or the raw score
     referable_threshold: float | None = None
     referable_rule: str | None = None           # the rule in words: the run's operating point or the default
+    referable_why: str | None = None            # why referral and grade part (grade 1 referable, ...), else None
     temperature: float | None = None            # the probabilities' temperature; None: not calibrated
     warnings: list[str] = field(default_factory=list)  # to show beside the result (unreadable EXIF)
     measures: dict | None = field(default=None, repr=False)  # the gate's measures, before the model's view
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (S, S) map from the grading pass (``cam``)
+    photo_size: tuple | None = None             # (W, H) of the photo as stored, read from its header
 
     @property
     def ok(self) -> bool:
@@ -78,7 +77,7 @@ class Prediction:
             out.update(score=self.score, thresholds=self.thresholds)
         out.update(temperature=self.temperature, referable=self.referable, referable_score=self.referable_score,
                    referable_threshold=self.referable_threshold, referable_rule=self.referable_rule,
-                   quality=self.quality, warnings=list(self.warnings))
+                   referable_why=self.referable_why, quality=self.quality, warnings=list(self.warnings))
         return out
 
 
@@ -90,71 +89,51 @@ def _named(error: ImageError, name: str) -> str:
     return text if text.startswith(f"{name}: ") else f"{name}: {text}"
 
 
-def load(src, trained: inference.Trained, name: str, *, measure: bool = False) -> Prediction:
-    """An input prepared for the model as a not-yet-graded Prediction; ``error`` set when rejected.
+def load(src, trained: inference.Trained, name: str, *, measure: bool = False) -> tuple[Prediction, object]:
+    """An input decoded once as a not-yet-graded Prediction and its :class:`retino.grading.Prepared`
+    (None when rejected: ``error`` then says why).
 
-    ``measure``: also take the quality gate's measures of the decoded photo (``Prediction.measures``).
+    ``measure``: also take the quality gate's measures of the decoded photo.
     """
     try:
-        p = inference.prepare_input(src, trained.config, name, keep_photo=measure)
+        prep = grading.prepare(src, trained.config, name, gate=measure, keep=True)
     except ImageError as e:
-        return Prediction(name, error=_named(e, name))
-    pred = Prediction(name, seen=p.seen, original=p.original, crop=p.crop, mask=p.mask, warnings=p.warnings)
-    if measure:
-        pred.measures = quality.measure(p.photo)
-    return pred
+        return Prediction(name, error=_named(e, name)), None
+    pred = Prediction(name, seen=prep.seen, original=prep.original, crop=prep.crop, mask=prep.mask,
+                      warnings=prep.warnings, measures=prep.measures)
+    return pred, prep
 
 
-def _gate(pred: Prediction, refuse: bool) -> None:
-    """The photo's own verdict; with ``refuse``, a photo that is not a fundus gets its error (not graded)."""
-    q = quality.judge(pred.measures)
-    pred.quality = q.as_dict()
-    if refuse and q.verdict == "not_fundus":
-        pred.error = f"not a fundus photograph: {q.reasons[0]}"
-
-
-def tta_views(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) in [0, 1] -> (V*B, 3, S, S): itself, vertically flipped, and rotated by TTA_ANGLES.
-
-    No horizontal flip: left and right eyes are mirror images (the lab report's augmentation).
-    """
-    views = [x, x.flip(2)]
-    for deg in TTA_ANGLES:
-        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-        theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype)
-        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3).to(x.device), list(x.shape), align_corners=False)
-        views.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    return torch.cat(views)
-
-
-def fill(pred: Prediction, out: torch.Tensor, trained: inference.Trained) -> None:
-    """Grade, probabilities or score, and the referral, from one image's output row."""
-    pred.grade, pred.probs, pred.score = inference.read_output(out, trained)
+def fill(pred: Prediction, answer: grading.Answer, trained: inference.Trained) -> None:
+    """The Prediction's fields from the grading path's answer."""
+    pred.quality = answer.quality
+    if answer.refused:
+        pred.error = answer.refused
+        return
+    pred.grade, pred.probs, pred.score = answer.grade, answer.probs, answer.score
     if pred.score is not None:
         pred.thresholds = [float(t) for t in trained.thresholds]
     pred.temperature = trained.temperature if pred.probs is not None else None
-    pred.referable_threshold, pred.referable_rule = inference.referral(trained)
-    pred.referable_score = inference.referable_score(pred.probs, pred.score)
-    pred.referable = pred.referable_score >= pred.referable_threshold
-
-
-def _model_view(trained: inference.Trained) -> str | None:
-    return (trained.ood or {}).get("trained_on") or None
+    pred.referable_score, pred.referable = answer.referable_score, answer.referable
+    pred.referable_threshold, pred.referable_rule, pred.referable_why = answer.threshold, answer.rule, answer.why
+    pred.heatmap = answer.heatmap
 
 
 def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "best.pt", batch_size: int = 8,
-            quality_gate: bool = True) -> list[Prediction]:
-    """Grade photographs with a run's model.
+            quality_gate: bool = True, progress=None, cam: str | None = None) -> list[Prediction]:
+    """Grade photographs with a run's model, through the one grading path (:func:`retino.grading.grade`).
 
     Args:
         run_or_trained: a run folder (its ``checkpoint`` is loaded) or a ``retino.inference.Trained``.
         images: paths, bytes, binary file objects (Streamlit uploads) or PIL images; a single one
             is accepted too.
-        tta: average over the image, its vertical flip and rotations by ``TTA_ANGLES``
+        tta: average over the image, its vertical flip and rotations by ``grading.TTA_ANGLES``
             (calibrated probabilities for a classify head, raw scores for a regress head).
         quality_gate: a photo the gate finds not to be a fundus is not graded (``error`` says why);
             False grades every decodable photo. Either way ``quality`` holds the verdict; where the
             run has an OOD model (``ood.npz``) the model's view, from the grading pass itself, is in it.
+        progress: called ``(done, total)`` after each batch (the Predict page's bar).
+        cam: a CAM method: each graded photo's ``heatmap`` from the grading pass itself.
 
     Returns:
         One :class:`Prediction` per input, in order; a rejected input has ``error`` set and no grade.
@@ -162,33 +141,18 @@ def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "bes
     trained = inference.as_trained(run_or_trained, checkpoint)
     if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)) or hasattr(images, "read"):
         images = [images]
-    preds = [load(src, trained, inference.input_name(src, i), measure=True) for i, src in enumerate(images)]
-    for p in preds:
-        if p.ok:
-            _gate(p, refuse=quality_gate)
-    good = [p for p in preds if p.ok]
-    device = inference.device_of(trained)
-    for start in range(0, len(good), batch_size):
-        chunk = good[start:start + batch_size]
-        x = inference.unit_input(np.stack([p.seen for p in chunk]), device)  # (B, 3, S, S) in [0, 1]
-        if tta:
-            x = tta_views(x)  # (V*B, 3, S, S); the first B rows are the photos themselves
-        if trained.ood is not None:
-            out, feats = inference.forward_features(trained, x)  # (V*B, K), (V*B, d): one pass
-            distances = ood.ood_score(feats[:len(chunk)].cpu().numpy(), trained.ood)  # (B,) unaugmented views
-            for p, d in zip(chunk, distances):
-                p.quality = quality.judge(p.measures, ood=(d, trained.ood["cutoff"]),
-                                          trained_on=_model_view(trained)).as_dict()
-        else:
-            out = inference.forward(trained, x)  # (V*B, K)
-        if tta:
-            out = out.view(-1, len(chunk), out.shape[-1])  # (V, B, K)
-            # mean score, or mean calibrated probabilities as T * log(p): read_output's softmax(. / T)
-            # turns them back into p exactly (the mean sums to 1)
-            out = out.mean(0) if trained.config.head == "regress" else \
-                inference.calibrated(out, trained).mean(0).log() * (trained.temperature or 1.0)
-        for p, row in zip(chunk, out):
-            fill(p, row, trained)
+    images = list(images)
+    preds = []
+    for start in range(0, len(images), batch_size):
+        loaded = [load(src, trained, inference.input_name(src, start + k), measure=True)
+                  for k, src in enumerate(images[start:start + batch_size])]
+        good = [(p, prep) for p, prep in loaded if prep is not None]
+        answers = grading.grade(trained, [prep for _, prep in good], tta=tta, refuse=quality_gate, cam=cam)
+        for (p, _), answer in zip(good, answers):
+            fill(p, answer, trained)
+        preds += [p for p, _ in loaded]
+        if progress is not None:
+            progress(len(preds), len(images))
     return preds
 
 
@@ -205,13 +169,13 @@ def predictions_table(preds: list[Prediction], truth: dict | None = None):
         if truth is not None:
             row["true_grade"] = truth.get(p.image)
         row.update(grade=p.grade, grade_name=p.grade_name)
-        row.update({f"p{g}": (p.probs[g] if p.probs else None) for g in GRADES})
+        row.update({col: (p.probs[g] if p.probs else None) for g, col in enumerate(PROB_COLS)})
         q = p.quality or {}
         row.update(score=p.score, referable=p.referable, quality=q.get("verdict"),
                    reasons="; ".join(q.get("reasons", [])) or None, error=p.error)
         rows.append(row)
     columns = ["image", *(["true_grade"] if truth is not None else []), "grade", "grade_name",
-               *(f"p{g}" for g in GRADES), "score", "referable", "quality", "reasons", "error"]
+               *PROB_COLS, "score", "referable", "quality", "reasons", "error"]
     table = pd.DataFrame(rows, columns=columns)
     if truth is not None:
         table["true_grade"] = table["true_grade"].astype("Int64")

@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 
 from . import calibration, metrics, runs, stats
-from .grades import REFERABLE_GRADE
+from .choices import PROB_COLS, p_referable, referral_of
 
 N_BOOT = 1000
 BOOT_SEED = 0
-PROB_COLS = [f"p{g}" for g in range(5)]
 
 
 # ----------------------------------------------------------------------------- predictions.csv
@@ -46,7 +45,7 @@ def prediction_table(parts: dict, *, head: str, thresholds) -> pd.DataFrame:
             for g, col in enumerate(PROB_COLS):
                 t[col] = probs[:, g]
             t["grade"] = probs.argmax(1)
-            t["referable_score"] = probs[:, REFERABLE_GRADE:].sum(1)
+            t["referable_score"] = p_referable(probs)
         tables.append(t)
     return pd.concat(tables, ignore_index=True)
 
@@ -99,7 +98,20 @@ def _calibrated_referable(part: pd.DataFrame, temperature: float) -> np.ndarray:
     probs = _calibrated_probs(part, temperature)
     if probs is None:
         return part["referable_score"].to_numpy(dtype=np.float64)
-    return probs[:, REFERABLE_GRADE:].sum(1)
+    return p_referable(probs)
+
+
+def head_of(table: pd.DataFrame, chosen: dict | None = None) -> str:
+    """The run's head: as evaluation.json says, else from the table's columns (probabilities or a score)."""
+    return (chosen or {}).get("head") or ("classify" if set(PROB_COLS) <= set(table.columns) else "regress")
+
+
+def add_referable(table: pd.DataFrame, chosen: dict, thresholds=None) -> pd.DataFrame:
+    """``referable`` per image at the run's rule (:func:`retino.choices.referral_of`), the answer every door gives."""
+    cut, _ = referral_of(chosen, head_of(table, chosen), thresholds)
+    table = table.copy()
+    table["referable"] = _calibrated_referable(table, chosen.get("temperature", 1.0)) >= cut
+    return table
 
 
 # ----------------------------------------------------------------------------- the report
@@ -115,7 +127,7 @@ def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int
     op = chosen.get("operating_point") or {}
     threshold = op.get("threshold")
     groups = part["patient"].to_numpy()
-    cut = threshold if threshold is not None else 0.5
+    cut, rule = referral_of(chosen, head_of(part, chosen))
     ivs = stats.intervals(y, pred, ref, groups=groups, threshold=cut, n_boot=n_boot, seed=seed)
     patient = stats.patient_intervals(groups, y, ref, threshold=cut, n_boot=n_boot, seed=seed)
     probs_raw, probs_cal = _probs(part), _calibrated_probs(part, chosen["temperature"])
@@ -127,6 +139,7 @@ def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int
     return runs.json_safe({
         "split": split, "selected_on": chosen["selected_on"], "epoch": epoch, "n_images": int(len(part)),
         "n_patients": int(len(np.unique(groups))), "metrics": ivs,
+        "referral": {"threshold": cut, "rule": rule},
         "operating_point": {"threshold": threshold, "target_sensitivity": op.get("target_sensitivity"),
                             "val_sensitivity": op.get("val_sensitivity"),
                             "val_specificity": op.get("val_specificity")},
@@ -139,10 +152,11 @@ def write_evaluation(run_dir, parts: dict, *, head: str, thresholds, epoch: int,
     """The end of a run: predictions.csv, evaluation.json (chosen on val) and test.json (reported once)."""
     run_dir = Path(run_dir)
     table = prediction_table(parts, head=head, thresholds=thresholds)
+    chosen = {**choose_on(table, "val", head=head, target_sensitivity=target_sensitivity), "epoch": epoch,
+              "head": head, "thresholds": [float(t) for t in thresholds]}
+    table = add_referable(table, chosen)
     _write_csv(run_dir / "predictions.csv", table)
-    chosen = choose_on(table, "val", head=head, target_sensitivity=target_sensitivity)
-    runs.write_json(run_dir / "evaluation.json", {**chosen, "epoch": epoch, "head": head,
-                                                  "thresholds": list(thresholds)})
+    runs.write_json(run_dir / "evaluation.json", chosen)
     test = report(table, chosen, split="test", epoch=epoch)
     runs.write_json(run_dir / "test.json", test)
     return test
@@ -152,11 +166,3 @@ def _write_csv(path: Path, table: pd.DataFrame) -> None:
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g")
     runs.write_atomic(path, buf.getvalue().encode())
-
-
-def read_chosen(run_dir) -> dict | None:
-    """evaluation.json (temperature, operating point, thresholds), or None for a run without one."""
-    try:
-        return runs.read_json(Path(run_dir) / "evaluation.json")
-    except runs.RunError:
-        return None

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from . import calibration, metrics
+from .choices import PROB_COLS, p_referable, referral_of
 from .grades import REFERABLE_GRADE
 from .runs import selected_on
 from .stats import format_interval
@@ -22,7 +23,6 @@ from .stats import format_interval
 TEST_METRICS = {"QWK": "qwk", "accuracy": "accuracy", "macro-F1": "macro_f1", "ref. AUC": "referable_auc",
                 "sensitivity": "sensitivity", "specificity": "specificity"}
 BEST_MARK = " \u2605"  # after the best point value of a column among the runs shown
-PROB_COLS = [f"p{g}" for g in range(5)]
 
 
 def _number(value) -> float:
@@ -143,7 +143,9 @@ def test_results_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             rec[column] = format_interval(m.get(key)) if rep else "not evaluated"
         rec["ECE"] = f"{ece:.3f}" if isinstance(ece, (int, float)) else ("n/a" if rep else "not evaluated")
         t = op.get("threshold")
-        rec["threshold"] = (f"{t:.3f}" if isinstance(t, (int, float)) else "0.5 (none chosen)") if rep else "–"
+        default = (rep.get("referral") or {}).get("threshold")  # the run's default rule (older reports: 0.5)
+        default_text = f"{default if isinstance(default, (int, float)) else 0.5:.3f} (default: none chosen)"
+        rec["threshold"] = (f"{t:.3f}" if isinstance(t, (int, float)) else default_text) if rep else "–"
         records.append(rec)
         values.append({**{c: _number((m.get(k) or {}).get("value")) for c, k in TEST_METRICS.items()},
                        "ECE": _number(ece)})
@@ -204,7 +206,7 @@ def referable_score(part: pd.DataFrame, chosen: Mapping) -> np.ndarray:
     _, probs = calibrated_probs(part, chosen.get("temperature", 1.0))
     if probs is None:
         return part["referable_score"].to_numpy(dtype=np.float64)
-    return probs[:, REFERABLE_GRADE:].sum(1)
+    return p_referable(probs)
 
 
 def roc(table: pd.DataFrame, chosen: Mapping, *, split: str = "test") -> dict:
@@ -222,10 +224,11 @@ def roc(table: pd.DataFrame, chosen: Mapping, *, split: str = "test") -> dict:
     score = referable_score(part, chosen)
     fpr, tpr, _ = roc_curve(positive, score)
     threshold = (chosen.get("operating_point") or {}).get("threshold")
-    cut = 0.5 if threshold is None else float(threshold)
+    head = chosen.get("head") or ("classify" if set(PROB_COLS) <= set(part.columns) else "regress")
+    cut, rule = referral_of(chosen, head)
     sens, spec = float(np.mean(score[positive] >= cut)), float(np.mean(score[~positive] < cut))
     return {"fpr": fpr, "tpr": tpr, "auc": float(roc_auc_score(positive, score)), "threshold": cut,
-            "chosen_on": None if threshold is None else chosen.get("selected_on", "val"),
+            "chosen_on": None if threshold is None else chosen.get("selected_on", "val"), "rule": rule,
             "sensitivity": sens, "specificity": spec, "point": (1.0 - spec, sens)}
 
 

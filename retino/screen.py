@@ -1,9 +1,10 @@
 """Screening a folder: every photograph under it graded, one row per photo and one per patient (issue 11).
 
 The job a clinic has is a folder of one day's photographs turned into a list of patients to refer.
-:func:`screen` finds every JPEG/PNG under the folder (:func:`find_photos`), decodes, gates and
-preprocesses them in worker processes exactly as the run was trained (:func:`retino.inference.prepare`,
-:func:`retino.quality.assess`), grades them here in batches, and writes three files side by side:
+:func:`screen` finds every JPEG/PNG under the folder (:func:`find_photos`), decodes each once,
+preprocesses and measures it in worker processes exactly as the run was trained
+(:func:`retino.grading.prepare`), grades them here in batches through the one grading path
+(:func:`retino.grading.grade`: the gate's verdict with the model's own view, grade, referral), and writes three files side by side:
 
 - ``<name>.csv``: one row per photo (:data:`PHOTO_COLUMNS`). A file that cannot be graded is a row
   with its ``error``, never the end of the screen. Rows are appended as each batch finishes, flushed
@@ -22,15 +23,14 @@ and a folder of more than ``max_files`` photos is refused unless the caller asks
 Re-run with the same report, a screen skips the photos already in it (an interrupted screen resumes);
 a report made with another run or other settings is refused rather than mixed.
 
-A photo is referable when P(grade >= 2), after the run's temperature (classify head), or the raw
-score (regress head) is at or above the run's operating point chosen on val (``evaluation.json``,
-issue 10); a run without one uses P >= 0.5, or a score >= 1.5 (halfway between grades 1 and 2).
+A photo is referable by the run's rule (:func:`retino.choices.referral_cut`): P(grade >= 2) after
+the run's temperature (classify head), or the raw score (regress head), at or above the run's
+operating point chosen on val; without one, P >= 0.5, or the run's own cut point between grades 1 and 2.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import signal
 from collections import deque
@@ -38,18 +38,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 import torch
 
-from . import calibration, inference, metrics, quality, runs
+from . import grading, inference, runs
 from .config import TrainConfig
-from .data import ImageError, load_image
+from .data import ImageError
 from .data._spawn import spawn_context
-from .data.loaders import to_float
-from .evaluate import read_chosen
-from .grades import REFERABLE_GRADE
-from .predict import tta_views
 from .screen_paths import (MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
                            find_photos, report_lock)
 from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
@@ -57,13 +52,11 @@ from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_CO
                             report_paths, table_csv, write_table)
 from .data.dicom import patient_eye
 
-__all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo", "grade_batch", "referral_cut",
+__all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
            "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES", "REFER",
            "REFER_UNGRADED", "NO_REFERRAL"]
 
-DEFAULT_CUT = {"classify": 0.5, "regress": REFERABLE_GRADE - 0.5}  # issue 11: P >= 0.5; the score's grade boundary
-from .quality import GATE_MIN_SIDE, GATE_TARGET  # noqa: E402  (one definition: predict re-decodes by the same rule)
 
 
 @dataclass
@@ -118,20 +111,13 @@ def _prepare_chunk(items: list[tuple[str, str]]) -> list[dict]:
 
 
 def prepare_photo(image: str, path: str, config: TrainConfig, *, gate: bool = True) -> dict:
-    """One photo decoded and preprocessed as the run was trained, and gated: never raises.
+    """One photo decoded once, preprocessed as the run was trained and measured by the gate: never raises.
 
     Returns:
-        ``{"seen": (S, S, 3) uint8, "quality": {"verdict", "reasons"} | None}``, ``seen`` None for a
-        ``not_fundus`` photo; or ``{"error": "<image>: <reason>"}``.
+        ``{"prepared": retino.grading.Prepared}``; or ``{"error": "<image>: <reason>"}``.
     """
     try:
-        seen, original, _ = inference.prepare(path, config, image)
-        if not gate:
-            return {"seen": seen, "quality": None}
-        photo = original if min(original.size) >= GATE_MIN_SIDE else load_image(path, target=GATE_TARGET)
-        q = quality.assess(photo)
-        verdict = {"verdict": q.verdict, "reasons": [str(r) for r in q.reasons]}
-        return {"seen": None if q.verdict == "not_fundus" else seen, "quality": verdict}
+        return {"prepared": grading.prepare(path, config, image, gate=gate)}
     except ImageError as e:
         return {"error": str(e).replace(path, image)}
     except Exception as e:  # noqa: BLE001 - one file that breaks a decoder must not end a screen of thousands
@@ -184,19 +170,6 @@ def default_workers(n_photos: int | None = None) -> int:
 
 # ----------------------------------------------------------------------------- grading (this process)
 
-def referral_cut(chosen: dict | None, head: str) -> tuple[float, str]:
-    """The threshold a photo is referable at, and where it comes from (the run's operating point or the default)."""
-    op = (chosen or {}).get("operating_point") or {}
-    t = op.get("threshold")
-    if isinstance(t, (int, float)) and math.isfinite(t):
-        target = op.get("target_sensitivity")
-        on = (chosen or {}).get("selected_on", "val")
-        return float(t), f"the run's operating point, chosen on {on}" + (f" for sensitivity {target}" if target else "")
-    why = op.get("error") or "the run has no operating point (no evaluation.json)"
-    default = DEFAULT_CUT[head]
-    return default, f"default {default}: {why}"
-
-
 def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     """A copy for batched inference: BatchNorm folded into the convolutions, channels_last.
 
@@ -212,58 +185,33 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     return fast.to(memory_format=torch.channels_last).eval()
 
 
-def grade_batch(trained: inference.Trained, seen: np.ndarray, *, temperature: float = 1.0,
-                tta: bool = False) -> dict[str, np.ndarray]:
-    """Grades of a batch of preprocessed photos (B, S, S, 3) uint8, as ``predict`` gives them.
-
-    Returns:
-        ``{"grade", "referable_score"}`` and ``"probs"`` (B, 5) after ``temperature`` (classify head)
-        or ``"score"`` (B,) (regress head). With ``tta``, probabilities (or scores) are averaged over
-        ``predict.tta_views``, as ``predict`` does.
-    """
-    b = len(seen)
-    x = to_float(torch.from_numpy(np.ascontiguousarray(seen)), inference.device_of(trained), channels_last=True)
-    if tta:
-        x = tta_views(x).contiguous(memory_format=torch.channels_last)  # (V*B, 3, S, S)
-    out = inference.forward(trained, x).cpu().numpy().astype(np.float64)  # (V*B, K)
-    out = out.reshape(-1, b, out.shape[-1])  # (V, B, K)
-    if trained.config.head == "regress":
-        score = out.mean(0)[:, 0]
-        return {"grade": metrics.apply_thresholds(score, trained.thresholds).astype(np.int64), "score": score,
-                "referable_score": score}
-    probs = np.mean([calibration.apply_temperature(view, temperature) for view in out], axis=0)  # (B, 5)
-    return {"grade": probs.argmax(1), "probs": probs, "referable_score": probs[:, REFERABLE_GRADE:].sum(1)}
-
-
 # ----------------------------------------------------------------------------- the screen
 
-def _rows(batch: list, trained: inference.Trained, *, temperature: float, tta: bool, cut: float) -> list[dict]:
-    """Report rows for one batch of ``((image, path), prepared)``, in order."""
+def _rows(batch: list, trained: inference.Trained, *, tta: bool, gate: bool) -> list[dict]:
+    """Report rows for one batch of ``((image, path), prepared)``, in order, through the one grading path."""
     rows: list[dict | None] = [None] * len(batch)
-    graded = []
+    graded = [i for i, (_, prep) in enumerate(batch) if "error" not in prep]
     for i, ((image, _), prep) in enumerate(batch):
-        q = prep.get("quality")
         if "error" in prep:
             rows[i] = error_row(image, prep["error"])
-        elif prep["seen"] is None:  # the gate says it is not a fundus: not graded (issue 11)
-            rows[i] = error_row(image, "not a fundus photograph: " + ("; ".join(q["reasons"]) or "rejected"), q)
+    answers = grading.grade(trained, [batch[i][1]["prepared"] for i in graded], tta=tta, refuse=gate,
+                            channels_last=True)
+    for i, a in zip(graded, answers):
+        image, path = batch[i][0]
+        q = a.quality or {}
+        if a.refused:
+            rows[i] = error_row(image, a.refused, q)
+            continue
+        patient, eye = patient_eye(image, path)  # a DICOM file's from its tags
+        reasons = list(q.get("reasons", [])) + ([a.why] if a.why else [])
+        row = {"image": image, "patient": patient, "eye": eye or "", "grade": a.grade,
+               "referable_score": a.referable_score, "referable": a.referable,
+               "quality": q.get("verdict"), "reasons": "; ".join(reasons)}
+        if a.probs is not None:
+            row.update(zip(PROB_COLUMNS, a.probs))
         else:
-            graded.append(i)
-    if graded:
-        out = grade_batch(trained, np.stack([batch[i][1]["seen"] for i in graded]), temperature=temperature, tta=tta)
-        for j, i in enumerate(graded):
-            (image, path), prep = batch[i]
-            patient, eye = patient_eye(image, path)
-            q = prep.get("quality") or {}
-            row = {"image": image, "patient": patient, "eye": eye or "", "grade": int(out["grade"][j]),
-                   "referable_score": float(out["referable_score"][j]),
-                   "referable": bool(out["referable_score"][j] >= cut),
-                   "quality": q.get("verdict"), "reasons": "; ".join(q.get("reasons", []))}
-            if "probs" in out:
-                row.update(zip(PROB_COLUMNS, map(float, out["probs"][j])))
-            else:
-                row["score"] = float(out["score"][j])
-            rows[i] = row
+            row["score"] = a.score
+        rows[i] = row
     return rows
 
 
@@ -301,7 +249,7 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
         out: the photo report, ``x.csv`` (:func:`report_paths`); default :func:`default_report`.
             Photos already in it are skipped (a resumed screen).
         batch_size: photos a forward pass.
-        tta: average over ``predict.tta_views`` (4x the work).
+        tta: average over ``grading.tta_views`` (4x the work).
         workers: decoding processes (0: decode here; None: :func:`default_workers` for the folder).
         quality_gate: run ``retino.quality.assess``: ``not_fundus`` photos are not graded,
             ``ungradable`` ones are, with the reasons beside the grade.
@@ -327,10 +275,10 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
     trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
         else inference.as_trained(run)
-    head = trained.config.head
-    chosen = read_chosen(trained.run_dir)
-    temperature = float((chosen or {}).get("temperature") or 1.0) if head != "regress" else 1.0
-    cut, source = referral_cut(chosen, head)
+    temperature = float(trained.temperature or 1.0)
+    cut, source = inference.referral(trained)
+    if trained.notes:
+        source += " (" + "; ".join(trained.notes) + ")"
     key = {"run": str(Path(trained.run_dir).resolve()), "checkpoint": getattr(trained, "checkpoint", "best.pt"),
            "checkpoint_id": _checkpoint_id(trained), "folder": str(Path(folder).resolve()), "tta": bool(tta),
            "quality_gate": bool(quality_gate), "threshold": cut, "temperature": temperature}
@@ -356,7 +304,7 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
                 batch.append(item)
                 if len(batch) < batch_size and finished + len(batch) < total:
                     continue
-                appender.write(_rows(batch, fast, temperature=temperature, tta=tta, cut=cut))
+                appender.write(_rows(batch, fast, tta=tta, gate=quality_gate))
                 finished += len(batch)
                 batch = []
                 if bar is not None:

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from . import runs
+from .choices import PROB_COLS
 from .data.names import parse_patient_eye
 
-PROB_COLUMNS = [f"p{g}" for g in range(5)]
+PROB_COLUMNS = PROB_COLS  # one definition of the probability columns (retino.choices)
 PHOTO_COLUMNS = ["image", "patient", "eye", "grade", *PROB_COLUMNS, "score", "referable_score", "referable",
                  "quality", "reasons", "error"]
 PATIENT_COLUMNS = ["patient", "status", "referable", "worst_grade", "eyes", "photos", "ungraded"]

@@ -19,8 +19,6 @@ when >= 2 and a score is referable at ``threshold`` when ``score >= threshold``,
 from __future__ import annotations
 
 import math
-import re
-from pathlib import PurePath
 from typing import Mapping, Optional, Sequence
 
 import numpy as np

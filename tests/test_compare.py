@@ -214,7 +214,7 @@ def test_roc_operating_point_is_the_val_threshold_applied_to_test():
 
 def test_roc_point_agrees_with_the_test_report_after_temperature():
     """The page's point and the report's sensitivity/specificity read the same (calibrated) score."""
-    from retino import evaluate
+    from retino import report
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, 60)
     logits = rng.normal(size=(60, 5)) + 2.0 * np.eye(5)[labels]
@@ -225,7 +225,7 @@ def test_roc_point_agrees_with_the_test_report_after_temperature():
     table["grade"] = probs.argmax(1)
     chosen = {"selected_on": "val", "temperature": 2.5, "operating_point": {"threshold": 0.4}}
     r = compare.roc(table, chosen)
-    rep = evaluate.report(table, chosen, n_boot=50)
+    rep = report.report(table, chosen, n_boot=50)
     assert r["sensitivity"] == pytest.approx(rep["metrics"]["sensitivity"]["value"])
     assert r["specificity"] == pytest.approx(rep["metrics"]["specificity"]["value"])
     assert r["auc"] == pytest.approx(rep["metrics"]["referable_auc"]["value"])
@@ -262,7 +262,7 @@ def test_test_results_table_intervals_and_best_marks():
     assert table.loc["a", "ref. AUC"] == "n/a"
     assert table.loc["a", "test images"] == "400" and table.loc["a", "data set"] == "synthetic · debe0a88"
     assert table.loc["a", "selected on"] == "val" and table.loc["old", "selected on"] == "chosen on test (older run)"
-    assert table.loc["old", "threshold"] == "0.5 (none chosen)" and table.loc["a", "threshold"] == "0.300"
+    assert table.loc["old", "threshold"] == "0.500 (default: none chosen)" and table.loc["a", "threshold"] == "0.300"
     assert table.loc["fresh", "QWK"] == "not evaluated" and table.loc["fresh", "selected on"] == "val"
     assert table.loc["fresh", "test images"] == "–"
 

@@ -17,7 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, TINY_TRAIN
-from retino import compare, evaluate, runs, settings
+from retino import compare, evaluate, report, runs, settings
 from retino.stats import format_interval
 
 
@@ -128,7 +128,7 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
 
     # the most-wrong photos, with their Grad-CAM only once asked for
     assert not at.get("image")
-    table_b = evaluate.read_predictions(b)
+    table_b = report.read_predictions(b)
     expected = len(compare.worst_predictions(table_b))
     at.selectbox(key="compare.gallery_run").set_value("seed1").run()
     at.toggle(key="compare.gallery").set_value(True).run()
@@ -140,7 +140,7 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
 def test_runs_on_other_test_images_get_a_warning_not_an_exception(two_runs, data_in_use):
     add(two_runs[0], "seed0", age=20)
     other = add(two_runs[1], "other-data", age=10)
-    table = evaluate.read_predictions(other)
+    table = report.read_predictions(other)
     test = table[table["split"] == "test"]
     table = table.drop(test.index[:2])  # two test photos fewer ...
     table.loc[test.index[2], "image"] = "elsewhere_left"  # ... and one the other run never saw

@@ -25,7 +25,8 @@ from retino.data.preprocess import preprocess
 from retino.data.synthetic import render_fundus
 from retino.grades import GRADE_INFO
 from retino.inference import load_trained
-from retino.predict import TTA_ANGLES, predict, predictions_table, tta_views
+from retino.grading import TTA_ANGLES, tta_views
+from retino.predict import predict, predictions_table
 
 SIZE = 64
 REAL = REPO.parent / "shared" / "real_fundus_sample" / "train"
@@ -283,8 +284,8 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
     assert [o["image"] for o in out] == [str(p) for p in images]
     for o in out:
         assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam", "temperature",
-                          "referable", "referable_score", "referable_threshold", "referable_rule", "quality",
-                          "warnings"}
+                          "referable", "referable_score", "referable_threshold", "referable_rule", "referable_why",
+                          "quality", "warnings"}
         assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
         assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", 1)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()

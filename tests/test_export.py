@@ -5,6 +5,7 @@ head with Ben Graham's normalisation and a regress head without. The weights are
 the parity is not: the exported files must give Retino's outputs to 1e-4 on the same batch.
 """
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
 def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, head):
     run_dir = trained_runs[head]
     model_path, json_path = export_run(run_dir, fmt, tmp_path)
-    assert model_path == tmp_path / f"model{FORMATS[fmt]}" and json_path == tmp_path / "model.json"
+    assert model_path == tmp_path / f"model{FORMATS[fmt]}" and json_path == tmp_path / f"model{FORMATS[fmt]}.json"
     trained = load_trained(run_dir)
     for n in (1, 3):                                  # the batch dimension is free
         x = _batch(tiny_data, trained, n)
@@ -90,17 +91,51 @@ def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, h
 def test_onnx_input_is_fixed_size_with_a_free_batch(trained_runs, tmp_path):
     onnx = pytest.importorskip("onnx")
     model_path, _ = export_run(trained_runs["classify"], "onnx", tmp_path / "deploy" / "dr.onnx")
-    assert model_path.name == "dr.onnx" and (tmp_path / "deploy" / "dr.json").is_file()
+    assert model_path.name == "dr.onnx" and (tmp_path / "deploy" / "dr.onnx.json").is_file()
     graph = onnx.load(str(model_path)).graph
     dims = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, SIZE, SIZE]
     assert graph.output[0].name == "logits"
 
 
-def test_default_destination_is_the_run_folder(trained_runs):
+def test_default_destination_is_exports_outside_the_run(trained_runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     model_path, json_path = export_run(trained_runs["regress"], "torchscript")
-    assert model_path == trained_runs["regress"] / "export" / "model.pt" and json_path.is_file()
+    assert model_path == Path("exports") / trained_runs["regress"].name / "model.pt" and json_path.is_file()
     assert json.loads(json_path.read_text())["output"]["name"] == "score"
+
+
+def test_export_never_writes_inside_a_run_or_over_a_file(trained_runs, tmp_path):
+    run = trained_runs["classify"]
+    for out in (run / "best.pt", run / "config.onnx", run / "export"):
+        with pytest.raises(runs.RunError, match="inside the run folder"):
+            export_run(run, "onnx", out)
+    assert runs.load_checkpoint(run / "best.pt")["model"]  # untouched
+    with pytest.raises(runs.RunError, match=r"must not end in \.json"):
+        export_run(run, "onnx", tmp_path / "x" / "model.json")
+    export_run(run, "onnx", tmp_path / "both")
+    with pytest.raises(runs.RunError, match="exists; pass --force"):
+        export_run(run, "onnx", tmp_path / "both")
+    export_run(run, "torchscript", tmp_path / "both")  # one folder, two formats: each keeps its own JSON
+    assert json.loads((tmp_path / "both" / "model.onnx.json").read_text())["format"] == "onnx"
+    assert json.loads((tmp_path / "both" / "model.pt.json").read_text())["format"] == "torchscript"
+    export_run(run, "onnx", tmp_path / "both", force=True)
+
+
+def test_exporting_a_failed_run_is_refused_unless_asked(trained_runs, tmp_path):
+    run = tmp_path / "failed-run"
+    shutil.copytree(trained_runs["classify"], run)
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "state": "failed", "error": "killed"}))
+    with pytest.raises(runs.RunError, match="failed.*--unfinished"):
+        export_run(run, "onnx", tmp_path / "out")
+    assert export_run(run, "onnx", tmp_path / "out", unfinished=True)[0].is_file()
+
+
+def test_deployment_json_states_draft_decoding(trained_runs, tmp_path):
+    _, json_path = export_run(trained_runs["classify"], "onnx", tmp_path)
+    pre = json.loads(json_path.read_text())["preprocessing"]
+    assert pre["jpeg_draft_target"] == SIZE and "draft" in pre["steps"][0]
 
 
 def test_bad_format_and_bad_run_are_one_line_errors(trained_runs, tmp_path):
@@ -138,6 +173,6 @@ def test_deployment_json_reproduces_predict(trained_runs, tiny_data, tmp_path):
 def test_cli_export_prints_both_paths(trained_runs, tmp_path):
     r = run_cli("export", trained_runs["regress"], "--format", "torchscript", "--out", tmp_path / "deploy")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [str(tmp_path / "deploy" / "model.pt"), str(tmp_path / "deploy" / "model.json")]
+    assert r.stdout.splitlines() == [str(tmp_path / "deploy" / "model.pt"), str(tmp_path / "deploy" / "model.pt.json")]
     bad = run_cli("export", tmp_path / "nowhere", "--format", "onnx")
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such run folder"

@@ -273,7 +273,9 @@ def test_quality_gate_rejects_a_non_fundus_and_flags_a_dark_one(classify_run, ph
                                                                             "screenshot.png")}
     assert verdicts == {"7_left.jpeg": "ok", "7_right.jpeg": "ungradable", "screenshot.png": "not_fundus"}
     rows = screen(classify_run, folder, tmp_path / "r.csv", workers=0).photos.set_index("image")
-    assert rows.loc["7_left.jpeg", "quality"] == "ok" and rows.loc["7_left.jpeg", "reasons"] == ""
+    good = rows.loc["7_left.jpeg"]  # an ok photo's reasons say at most why its referral and grade part
+    assert good["quality"] == "ok" and (good["reasons"] == "" or good["reasons"].startswith(
+        ("referable although", "not referable although")))
     dark = rows.loc["7_right.jpeg"]
     assert dark["quality"] == "ungradable" and "too dark" in dark["reasons"] and pd.notna(dark["grade"])
     shot = rows.loc["screenshot.png"]
@@ -323,7 +325,7 @@ def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
 
 def never_referable(run: Path, tmp_path: Path) -> Path:
     """A copy of ``run`` whose operating point no photo reaches: only an ungraded eye can refer a patient."""
-    return with_evaluation(run, tmp_path, operating_point={"threshold": 1.01, "target_sensitivity": 0.9})
+    return with_evaluation(run, tmp_path, operating_point={"threshold": 1.0, "target_sensitivity": 0.9})
 
 
 def screenshot() -> np.ndarray:
