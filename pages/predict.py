@@ -8,13 +8,13 @@ referral at the run's operating point and calibrated probabilities.
 """
 import hashlib
 import io
-import math
 from pathlib import Path
 
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from retino import charts, compare, dashboard, explain, predict, runs, settings
+from retino.text import md_text
 from retino.choices import PROB_COLS
 from retino.data import DatasetError, read_dataset
 from retino.data.preprocess import MAX_BYTES
@@ -67,22 +67,20 @@ def pick_run():
     labels = dict(zip((r.id for r in candidates), compare.run_labels(
         [r.name for r in candidates], [r.id for r in candidates], [r.config.get("train", {}) for r in candidates])))
     best = dashboard.best_completed(candidates, rows)
-    qwk = {r.id: dashboard.best_qwk(rows[r.path]) for r in candidates}
-    qwk_name = {r.id: dashboard.qwk_key(rows[r.path]).replace("_qwk", " QWK") for r in candidates}
     left, right = st.columns([2, 3])
     run = left.selectbox(
         "Run", candidates, key="predict.run", index=candidates.index(best) if best else 0,
-        format_func=lambda r: f"{labels[r.id]} · {r.state} · {qwk_name[r.id]} "
-                              f"{'–' if math.isnan(qwk[r.id]) else f'{qwk[r.id]:.3f}'} · {r.id}",
+        format_func=lambda r: dashboard.picker_label(labels[r.id], r.state, rows[r.path]),
         help="The best completed run (highest validation QWK, else test QWK) is chosen first.")
     cfg = run.config.get("train", {})
-    left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get('image_size', '?')} px"
+    left.caption(f"{md_text(run.id)} · {cfg.get('arch', '?')} · {cfg.get('head', '?')} head · "
+                 f"{cfg.get('image_size', '?')} px"
                  f"{' · Ben Graham' if cfg.get('ben_graham') else ''} · best checkpoint")
     top = compare.best_row(rows[run.path]) or {}
     m1, m2, m3, m4 = right.columns(4)
     m1.metric("Best epoch", top.get("epoch", "–"))
-    m2.metric("Test QWK", f"{top['test_qwk']:.3f}" if top.get("test_qwk") is not None else "–")
-    m3.metric("Test accuracy", f"{top['test_acc']:.1%}" if top.get("test_acc") is not None else "–")
+    m2.metric("test QWK", f"{top['test_qwk']:.3f}" if top.get("test_qwk") is not None else "–")
+    m3.metric("test accuracy", f"{top['test_acc']:.1%}" if top.get("test_acc") is not None else "–")
     m4.metric("Ref. AUC (epoch, uncalibrated)", f"{top['test_ref_auc']:.3f}" if top.get("test_ref_auc") is not None
               else "–", help="metrics.jsonl's figure, before the temperature; the test report's referable AUC "
                              "(Compare page, evaluate) is after it")
@@ -187,6 +185,9 @@ def show_map(trained, run_key, pred, digest, method, target, contrast, opacity) 
         what = f"evidence for grade {explained}" + (f" over grade {against}" if against is not None else "")
     c3.image(explain.overlay(pred.seen, heat, image_weight=1.0 - opacity), caption=f"{method}: {what}",
              width="stretch")
+    note = None if regress or method in explain.TARGET_FREE else dashboard.explain_note(explained, pred.grade)
+    if note:
+        c3.info(note, icon=":material/info:")
     cells = explain.map_cells(size)
     if cells < FINE_MAP_CELLS:
         c3.caption(f"The map has {cells} x {cells} cells: a CAM at the last block has the image size / "
@@ -214,7 +215,7 @@ def referral_line(pred, trained) -> str:
     where = ("at this run's operating point" if trained.operating_point
              else "by the default rule (this run has no operating point)")
     why = f" — {pred.referable_why}" if pred.referable_why else ""
-    return (f"Referable {where}: **{'yes' if pred.referable else 'no'}** ({what} {pred.referable_score:.2f}, "
+    return (f"Referable {where}: **{'yes' if pred.referable else 'no'}** ({what} {dashboard.probability_text(pred.referable_score)}, "
             f"threshold {pred.referable_threshold:.2f}){why}")
 
 

@@ -11,7 +11,7 @@ import math
 
 import streamlit as st
 
-from retino import admission, runs
+from retino import admission, dashboard, runs
 from retino import screen as screening
 from retino.screen_paths import path_problem
 from retino.screen_report import STATUSES
@@ -34,7 +34,8 @@ def chosen_score(run) -> float:
 
 def run_label(item) -> str:
     run, score = item
-    qwk = f" · QWK {score:.3f}" if math.isfinite(score) else ""
+    rows = runs.read_metrics(run.path)
+    qwk = f" · {dashboard.figure(runs.best_row(rows), runs.selected_on(rows))}" if math.isfinite(score) else ""
     return f"{run.name} ({run.id}){qwk}"
 
 
