@@ -15,6 +15,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from retino import charts, compare, dashboard, explain, predict, runs, settings
 from retino.text import md_text
+from retino import choices
 from retino.choices import PROB_COLS
 from retino.data import DatasetError, read_dataset
 from retino.data.preprocess import MAX_BYTES
@@ -152,6 +153,10 @@ def verdicts(preds, digests) -> None:
         elif q.get("verdict") == "ungradable":
             st.warning(f"{p.image}: ungradable: {'; '.join(q['reasons'])}. Graded anyway: the grade may not hold.",
                        icon=":material/warning:")
+        if p.status == choices.REFER_UNGRADED:
+            st.info(f"{p.image}: **{p.status}**: Retino did not grade this eye from a gradable photo, which is no "
+                    "evidence that it is healthy: refer the patient for examination (or retake the photo).",
+                    icon=":material/assignment_late:")
         for line in p.warnings:
             st.warning(line, icon=":material/warning:")
 

@@ -14,7 +14,7 @@ import streamlit as st
 from retino import admission, dashboard, runs
 from retino import screen as screening
 from retino.screen_paths import path_problem
-from retino.screen_report import STATUSES
+from retino.choices import STATUSES
 from retino.text import md_text
 
 st.title("Screen a folder")

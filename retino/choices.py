@@ -26,6 +26,24 @@ from . import ood as ood_mod
 from . import runs
 from .grades import DEFAULT_THRESHOLDS, GRADES, REFERABLE_GRADE
 
+# What a clinic does about one eye, and so about its patient (who takes the first status any of their
+# eyes has). A photo Retino did not grade (unreadable, refused as not a fundus), or graded although the
+# gate found it ungradable, is no evidence that the eye is healthy: screening programmes recall or refer
+# such a patient rather than pass them (NHS Diabetic Eye Screening Programme, "Diabetic eye screening:
+# guidance when adequate images cannot be taken", gov.uk, 2024; Scanlon 2017, Acta Diabetologica 54:515).
+REFER, REFER_UNGRADED, NO_REFERRAL = "refer", "refer: ungraded eye", "no referral"
+STATUSES = (REFER, REFER_UNGRADED, NO_REFERRAL)
+
+
+def eye_status(graded: bool, verdict: str | None, referable: bool | None) -> str:
+    """One photo's status: ``refer`` (graded referable), ``refer: ungraded eye`` (not graded, or graded
+    from an ungradable photo), else ``no referral``."""
+    if graded and referable:
+        return REFER
+    if not graded or verdict == "ungradable":
+        return REFER_UNGRADED
+    return NO_REFERRAL
+
 EVALUATION_FILE = "evaluation.json"
 PROB_COLS = [f"p{g}" for g in GRADES]  # P(grade 0..4) in every table Retino writes
 DEFAULT_PROB_CUT = 0.5                 # classify head without an operating point: P(grade >= 2) >= 0.5

@@ -101,9 +101,11 @@ def _predict_header(trained) -> str:
 def _predict_line(p, cam: str | None) -> str:
     """One photo, one line: its grade, probabilities or score, referral and, if not ok, the gate's verdict."""
     if not p.ok:
-        return f"{p.image}: rejected: {p.reason}"
+        return f"{p.image}: rejected: {p.reason}  status: {p.status}"
     detail = f"score {p.score:.2f}" if p.score is not None else "p = " + " ".join(f"{q:.2f}" for q in p.probs)
     line = f"{p.image}: grade {p.grade} ({p.grade_name})  {detail}  referable: {'yes' if p.referable else 'no'}"
+    if p.status != ("refer" if p.referable else "no referral"):  # an ungradable photo: its eye is referred
+        line += f"  status: {p.status}"
     if p.referable_why:
         line += f" ({p.referable_why})"
     q = p.quality or {}

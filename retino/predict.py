@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import grading, inference
+from . import choices, grading, inference
 from .choices import PROB_COLS
 from .data import ImageError
 from .grades import GRADE_INFO
@@ -51,6 +51,12 @@ class Prediction:
         return self.error is None
 
     @property
+    def status(self) -> str:
+        """What a clinic does about this eye (``choices.eye_status``): an eye not graded, or graded from an
+        ungradable photo, is referred for examination, never passed."""
+        return choices.eye_status(self.ok, (self.quality or {}).get("verdict"), self.referable)
+
+    @property
     def reason(self) -> str | None:
         """``error`` without the image's name in front, for a caller that names the image itself."""
         return None if self.error is None else self.error.removeprefix(f"{self.image}: ")
@@ -66,7 +72,7 @@ class Prediction:
         or ``{"image", "error"[, "quality"][, "warnings"]}`` for a rejected input (``quality`` where
         the photo was decoded and judged)."""
         if self.error:
-            out = {"image": self.image, "error": self.error}
+            out = {"image": self.image, "error": self.error, "status": self.status}
             if self.quality is not None:
                 out["quality"] = self.quality
             if self.warnings:
@@ -77,7 +83,8 @@ class Prediction:
             out.update(score=self.score, thresholds=self.thresholds)
         out.update(temperature=self.temperature, referable=self.referable, referable_score=self.referable_score,
                    referable_threshold=self.referable_threshold, referable_rule=self.referable_rule,
-                   referable_why=self.referable_why, quality=self.quality, warnings=list(self.warnings))
+                   referable_why=self.referable_why, status=self.status, quality=self.quality,
+                   warnings=list(self.warnings))
         return out
 
 

@@ -47,15 +47,15 @@ from .data import ImageError
 from .data._spawn import spawn_context
 from .screen_paths import (MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
                            find_photos, report_lock)
-from .screen_report import (NO_REFERRAL, PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS, REFER, REFER_UNGRADED,
+from .choices import REFER, REFER_UNGRADED
+from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS,
                             Appender, ScreenError, error_row, open_report, patient_table, read_report,
                             report_paths, table_csv, write_table)
 from .data.dicom import patient_eye
 
 __all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo",
            "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
-           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES", "REFER",
-           "REFER_UNGRADED", "NO_REFERRAL"]
+           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES"]
 
 
 

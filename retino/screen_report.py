@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .choices import PROB_COLS
+from .choices import PROB_COLS, REFER_UNGRADED, STATUSES, eye_status
 from .data.names import parse_patient_eye
 
 PROB_COLUMNS = PROB_COLS  # one definition of the probability columns (retino.choices)
@@ -34,8 +34,6 @@ TEXT_COLUMNS = ("image", "patient", "eye", "quality", "reasons", "error", "statu
 # ungradable photo gives no evidence that the eye is healthy: screening programmes re-image or refer
 # such a patient rather than pass them (README, "Screening a folder"), so Retino never says
 # "no referral" for them.
-REFER, REFER_UNGRADED, NO_REFERRAL = "refer", "refer: ungraded eye", "no referral"
-STATUSES = (REFER, REFER_UNGRADED, NO_REFERRAL)
 
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV Injection"); "'"
 # itself is escaped too, so that reading a cell back (dropping one "'") gives exactly what was written.
@@ -193,11 +191,14 @@ def patient_table(photos: pd.DataFrame) -> pd.DataFrame:
     if photos.empty:
         return pd.DataFrame(columns=PATIENT_COLUMNS)
     quality = photos["quality"].astype(str) if "quality" in photos else pd.Series("", index=photos.index)
-    unsure = photos["grade"].isna().to_numpy() | (quality == "ungradable").to_numpy()
     referable = photos["referable"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    status = [eye_status(graded, verdict, r) for graded, verdict, r in
+              zip(photos["grade"].notna().to_numpy(), quality.to_numpy(), referable)]
+    unsure = np.array([s == REFER_UNGRADED for s in status], dtype=bool) | (quality == "ungradable").to_numpy()
     grade = pd.to_numeric(photos["grade"], errors="coerce").astype(float)
     frame = pd.DataFrame({"patient": photos["patient"].to_numpy(), "referable": referable, "unsure": unsure,
-                          "grade": grade.to_numpy(), "eye": photos["eye"].fillna("").astype(str).to_numpy()})
+                          "grade": grade.to_numpy(), "eye": photos["eye"].fillna("").astype(str).to_numpy(),
+                          "rank": [STATUSES.index(s) for s in status]})
     by = frame.groupby("patient", sort=False)
     table = pd.DataFrame({
         "any_referable": by["referable"].any(),
@@ -206,8 +207,9 @@ def patient_table(photos: pd.DataFrame) -> pd.DataFrame:
         "eyes": by["eye"].agg(lambda eyes: "+".join(sorted({e for e in eyes if e}))),
         "photos": by.size(),
         "ungraded": by["unsure"].sum(),
+        "rank": by["rank"].min(),  # the patient takes the first status any eye has
     }).reset_index()
-    table["status"] = np.select([table["any_referable"], table["any_unsure"]], [REFER, REFER_UNGRADED], NO_REFERRAL)
+    table["status"] = [STATUSES[r] for r in table.pop("rank")]
     table["referable"] = pd.array([True if r else (None if u else False)
                                    for r, u in zip(table["any_referable"], table["any_unsure"])], dtype="boolean")
     table["worst_grade"] = pd.array([None if math.isnan(g) else int(g) for g in table["worst_grade"]], dtype="Int64")

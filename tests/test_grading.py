@@ -155,3 +155,32 @@ def test_only_choices_reads_evaluation_json():
             if "evaluation.json" in line and re.search(r"read_json|read_text|open\(|json\.load", line):
                 readers.append(f"{path.name}: {line.strip()}")
     assert readers == [], readers
+
+
+def test_one_photo_that_was_not_graded_refers_its_eye_as_screen_refers_its_patient(tmp_path, folder):
+    """Predict gives one photo the status Screen gives its patient: an eye refused or ungradable is
+    'refer: ungraded eye', never passed; a gradable photo's status follows its referral."""
+    run = fake_run(tmp_path, op=0.5)
+    cat = np.zeros((200, 200, 3), np.uint8)
+    cat[::7] = 255  # stripes on black: no fundus
+    Image.fromarray(cat).save(tmp_path / "9_left.png")
+    photos = [folder / "0_left.jpeg", folder / "7_right.png", tmp_path / "9_left.png"]
+    preds = {Path(p.image).name: p for p in predict(run, [str(p) for p in photos])}
+    refused, ungradable, clean = preds["9_left.png"], preds["7_right.png"], preds["0_left.jpeg"]
+    assert not refused.ok and refused.status == choices.REFER_UNGRADED
+    assert refused.as_dict()["status"] == choices.REFER_UNGRADED
+    assert ungradable.ok and ungradable.quality["verdict"] == "ungradable"
+    assert ungradable.status == (choices.REFER if ungradable.referable else choices.REFER_UNGRADED)
+    assert clean.quality["verdict"] == "ok"
+    assert clean.status == (choices.REFER if clean.referable else choices.NO_REFERRAL)
+    # Screen, on the same photos (one eye per patient here), gives each patient its eye's status
+    patients = screen(run, _copy(photos, tmp_path / "screened"), tmp_path / "s.csv", workers=0).patients
+    status = dict(zip(patients["patient"].astype(str), patients["status"]))
+    assert status == {"9": refused.status, "7": ungradable.status, "0": clean.status}
+
+
+def _copy(paths, out: Path) -> Path:
+    out.mkdir()
+    for p in paths:
+        (out / Path(p).name).write_bytes(Path(p).read_bytes())
+    return out
