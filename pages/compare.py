@@ -9,6 +9,7 @@ from functools import partial
 
 import streamlit as st
 
+from retino import paths
 from retino import charts, compare, dashboard, downloads, evaluate, explain, runs
 from retino.data import DatasetError, ImageError
 from retino.grades import grade_label
@@ -401,7 +402,7 @@ def page() -> None:
     records = load_records()
     if not records:
         st.info("No runs yet: start one on the Train page. Runs are read from "
-                f"`{runs.runs_root().resolve()}`.", icon=":material/info:")
+                f"`{paths.runs_root().resolve()}`.", icon=":material/info:")
         st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
         return
     chosen = pick_runs(records)

@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
+from retino import paths
 from retino import charts, compare, dashboard, explain, predict, runs, settings
 from retino.text import md_text
 from retino import choices
@@ -58,7 +59,7 @@ def pick_run():
     candidates = dashboard.predict_candidates(infos)
     if not candidates:
         st.info("No finished run with a best checkpoint yet: train a model on the Train page first. Runs are "
-                f"read from `{runs.runs_root().resolve()}`.", icon=":material/info:")
+                f"read from `{paths.runs_root().resolve()}`.", icon=":material/info:")
         try:
             st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
         except StreamlitPageNotFoundError:  # the page run on its own, not through app.py's router

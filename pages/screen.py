@@ -11,6 +11,7 @@ import math
 
 import streamlit as st
 
+from retino import paths
 from retino import admission, dashboard, runs
 from retino import screen as screening
 from retino.screen_paths import path_problem
@@ -44,7 +45,7 @@ candidates = sorted(((r, chosen_score(r)) for r in runs.list_runs()
                     key=lambda item: -item[1])
 if not candidates:
     st.info("No completed run with a best checkpoint yet: train a model on the Train page first. Runs are read "
-            f"from `{runs.runs_root().resolve()}`.", icon=":material/info:")
+            f"from `{paths.runs_root().resolve()}`.", icon=":material/info:")
     st.stop()
 
 left, right = st.columns([2, 3])

@@ -11,7 +11,8 @@ import math
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .paths import REPO_ROOT
+
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import runs
 from .config import TrainConfig
-from .fileio import REPO_ROOT, resolve_data_path
+from .fileio import resolve_data_path
+from .paths import REPO_ROOT, runs_root
 
 
 def config_to_args(cfg: TrainConfig) -> list[str]:
@@ -47,7 +48,7 @@ def launch(cfg: TrainConfig, root: Path | None = None) -> Path:
     cfg.validate()
     cfg = dataclasses.replace(cfg, data=str(resolve_data_path(cfg.data).resolve()),
                               weights=str(resolve_data_path(cfg.weights).resolve()) if cfg.weights else "")
-    root = Path(root or runs.runs_root()).resolve()
+    root = Path(root or runs_root()).resolve()
     run_dir = runs.create_run_dir(root, cfg.display_name())
     # a provisional config so the dashboard can name the run before training writes the full one
     # "provisional": the trainer recognises its own launch and may write into this non-empty folder

@@ -26,19 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .fileio import REPO_ROOT, json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
+from .fileio import json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
+from .paths import REPO_ROOT, runs_root
 
-DEFAULT_ROOT = Path("checkpoints")
 ACTIVE = ("starting", "queued", "running")  # states of a run whose trainer should be alive
 HEARTBEAT_STALE_S = 30.0  # a live trainer writes status at least every few seconds
 
 
 class RunError(ValueError):
     """A run folder that is missing or not whole; the message names the file."""
-
-
-def runs_root() -> Path:
-    return Path(os.environ.get("RETINO_RUNS", DEFAULT_ROOT))
 
 
 def read_json(path: Path) -> dict:

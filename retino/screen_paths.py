@@ -15,7 +15,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from . import runs
+from .paths import runs_root
 from .data.names import IMAGE_EXTS
 from .screen_report import ScreenError, error_row
 
@@ -40,7 +40,7 @@ def default_report(folder, run_dir) -> Path:
     full = os.path.realpath(os.path.expanduser(str(folder)))
     tag = hashlib.sha1(os.fsencode(full)).hexdigest()[:8]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(full).name)[:60].lstrip(".") or "root"
-    return runs.runs_root() / "screens" / f"{name}-{tag}" / f"screen-{Path(run_dir).name}.csv"
+    return runs_root() / "screens" / f"{name}-{tag}" / f"screen-{Path(run_dir).name}.csv"
 
 
 def short(path) -> str:

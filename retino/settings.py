@@ -13,13 +13,10 @@ from pathlib import Path
 from .config import TrainConfig
 from .data import Dataset, read_dataset
 from .data.names import IMAGE_EXTS
-from .fileio import REPO_ROOT, resolve_data_path, write_json
+from .fileio import resolve_data_path, write_json
+from .paths import settings_path
 
 DEFAULT_DATA = TrainConfig().data  # the embedded synthetic set that `make run` generates, as training's default
-
-
-def settings_path() -> Path:
-    return Path(os.environ.get("RETINO_SETTINGS") or REPO_ROOT / ".retino" / "settings.json")
 
 
 def read_settings() -> dict:

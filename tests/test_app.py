@@ -16,6 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, TINY_TRAIN, run_cli
+from retino import paths
 from retino import jobs, runs, settings
 from retino.config import TrainConfig
 from retino.data import read_dataset, stats
@@ -36,7 +37,7 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def runs_dir() -> Path:
-    path = runs.runs_root()
+    path = paths.runs_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -127,7 +128,7 @@ def test_page_renders_with_completed_and_failed_runs(page, data_in_use, runs_dir
 
 @pytest.mark.parametrize("page", PAGES)
 def test_bad_data_path_shows_the_dataset_error(page, runs_dir, tmp_path):
-    settings.settings_path().write_text(json.dumps({"data": str(tmp_path / "gone")}))
+    paths.settings_path().write_text(json.dumps({"data": str(tmp_path / "gone")}))
     at = app(page)
     assert any("no such folder" in e.value for e in at.sidebar.error)
     if page == "pages/data.py":

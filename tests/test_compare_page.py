@@ -17,6 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, TINY_TRAIN
+from retino import paths
 from retino import compare, evaluate, report, runs, settings
 from retino.stats import format_interval
 
@@ -51,7 +52,7 @@ def add(run: Path, name: str, age: float) -> Path:
 
     Files are hard-linked: replace them, never write into them.
     """
-    dst = runs.runs_root() / name
+    dst = paths.runs_root() / name
     shutil.copytree(run, dst, copy_function=_link_or_copy)
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").unlink()

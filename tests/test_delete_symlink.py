@@ -2,12 +2,13 @@
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from retino import paths
 from retino import runs
 from test_screen import fresh_run
 
 
 def test_deleting_a_linked_run_removes_the_link_only(tmp_path):
-    root = runs.runs_root()
+    root = paths.runs_root()
     target = fresh_run(root / "20260101-000000-real")
     link = root / "20260101-000001-link"
     link.symlink_to(target)
@@ -19,7 +20,7 @@ def test_deleting_a_linked_run_removes_the_link_only(tmp_path):
 
 
 def test_compare_page_delete_on_a_link_keeps_the_target(tmp_path):
-    root = runs.runs_root()
+    root = paths.runs_root()
     elsewhere = fresh_run(tmp_path / "kept" / "20260101-000000-real")
     link = root / "20260101-000001-link"
     root.mkdir(parents=True, exist_ok=True)

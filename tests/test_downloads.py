@@ -16,6 +16,7 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from retino import paths
 from retino import downloads, runs
 from retino.inference import load_trained
 from test_screen import SIZE, fresh_run
@@ -38,7 +39,7 @@ def clicks(monkeypatch) -> dict:
 
 
 def test_compare_page_downloads_a_model_a_zip_and_the_report(clicks):
-    run = fresh_run(runs.runs_root() / RUN_ID)
+    run = fresh_run(paths.runs_root() / RUN_ID)
     (run / "last.pt").write_bytes(b"resume state")  # left out of the zip
     (run / ".train.lock").write_text("123")         # left out of the zip
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)

@@ -7,6 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from retino import paths
 from retino import runs
 from retino.text import md_text
 from test_screen import fresh_run
@@ -32,7 +33,7 @@ def _elements(at) -> list[str]:
 
 @pytest.mark.parametrize("page", ["pages/compare.py", "pages/train.py"])
 def test_a_run_named_with_markdown_shows_as_text(page, tmp_path):
-    run = fresh_run(runs.runs_root() / "20260101-000000-run")
+    run = fresh_run(paths.runs_root() / "20260101-000000-run")
     runs.set_meta(run, name="![img](http://host/x.png) [x](javascript:alert(1))")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.run()

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, run_cli
+from retino import paths
 from retino import quality, runs
 from retino.config import TrainConfig
 from retino.data.preprocess import load_image
@@ -296,7 +297,7 @@ def test_screen_page_without_runs_says_what_to_do():
 
 
 def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
-    root = runs.runs_root()
+    root = paths.runs_root()
     fresh_run(root / "20260101-000000-worse", seed=0)
     fresh_run(root / "20260101-000001-better", seed=1)  # val QWK 0.6: listed first
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:4]))
@@ -390,7 +391,7 @@ def test_a_folder_where_nothing_can_be_graded_writes_every_file(classify_run, tm
 
 def test_screen_page_shows_a_patient_with_a_refused_eye_as_referred(photos, tmp_path):
     run = never_referable(fresh_run(tmp_path / "src" / "20260101-000000-run"), tmp_path)
-    shutil.copytree(run, runs.runs_root() / run.name)
+    shutil.copytree(run, paths.runs_root() / run.name)
     folder = write_photos(tmp_path / "day", {"9_left.jpeg": screenshot(), "9_right.jpeg": photos["2_left.jpeg"]})
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.run()

@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, run_cli
+from retino import paths
 from retino import runs
 from retino.screen import MAX_FILES, ScreenError, TooManyPhotos, find_photos, report_paths, screen
 from retino.screen_paths import check_out, default_report, report_lock
@@ -127,7 +128,7 @@ def test_links_out_of_the_folder_are_not_followed(photos, tmp_path):
 
 def test_the_default_report_is_under_the_runs_folder(day, run):
     report = default_report(day, run)
-    assert report.is_relative_to(runs.runs_root()) and not report.is_relative_to(day)
+    assert report.is_relative_to(paths.runs_root()) and not report.is_relative_to(day)
     assert default_report(day, run) == report  # the same folder resumes the same report
     other = day.parent / "other" / day.name
     assert default_report(other, run) != report  # two folders of one name keep apart
@@ -169,7 +170,7 @@ def test_cli_answers_impossible_paths_in_one_line(run, day, tmp_path, args, expe
     ("/dev", "", "system folder"),
 ])
 def test_screen_page_answers_bad_paths_in_one_line(day, tmp_path, folder, out, expected):
-    fresh_run(runs.runs_root() / "20260101-000000-run")
+    fresh_run(paths.runs_root() / "20260101-000000-run")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.run()
     at.switch_page("pages/screen.py").run()
@@ -186,7 +187,7 @@ def test_screen_page_answers_bad_paths_in_one_line(day, tmp_path, folder, out, e
 def test_screen_page_asks_before_a_folder_above_the_limit(photos, tmp_path, monkeypatch):
     from retino import screen as screening
     monkeypatch.setattr(screening, "MAX_FILES", 2)
-    fresh_run(runs.runs_root() / "20260101-000000-run")
+    fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:3]))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.run()

@@ -3,14 +3,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
-from retino import runs
+from retino import paths
 from retino.screen import default_report, read_report, screen
 from test_screen import GOOD, fresh_run, photos as photos  # noqa: F401  (the fixture)
 from test_screen import write_photos
 
 
 def test_screen_page_offers_stop_and_shows_progress_counts(photos, tmp_path):
-    fresh_run(runs.runs_root() / "20260101-000000-run")
+    fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:2]))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.run()
@@ -27,7 +27,7 @@ def test_screen_page_offers_stop_and_shows_progress_counts(photos, tmp_path):
 
 
 def test_a_stopped_screen_shows_its_report_so_far_and_start_resumes_it(photos, tmp_path):
-    run = fresh_run(runs.runs_root() / "20260101-000000-run")
+    run = fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", photos)
     report = default_report(folder, run)
 

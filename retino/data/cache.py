@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..paths import cache_root
 from ._spawn import spawn_context
 from .preprocess import ImageError, load_and_preprocess
 
@@ -40,10 +41,6 @@ class CacheError(OSError):
 
 class CacheStopped(Exception):
     """A stop was asked for while the cache was being built; nothing was kept."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RETINO_CACHE", Path.home() / ".cache" / "retino"))
 
 
 def cache_key(paths: list[str], size: int, ben_graham: bool) -> str:
