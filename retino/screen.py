@@ -45,6 +45,7 @@ from . import grading, inference, runs
 from .config import TrainConfig
 from .data import ImageError
 from .data._spawn import spawn_context
+from .data._workers import usable_cores
 from .screen_paths import (MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
                            find_photos, report_lock)
 from .choices import REFER, REFER_UNGRADED
@@ -165,7 +166,7 @@ def default_workers(n_photos: int | None = None) -> int:
     """
     if n_photos is not None and n_photos < POOL_MIN_PHOTOS:
         return 0
-    return max(0, min(8, (os.cpu_count() or 2) - 2))
+    return max(0, min(8, usable_cores() - 2))
 
 
 # ----------------------------------------------------------------------------- grading (this process)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._workers import usable_cores
 
 
 def to_float(batch: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
@@ -180,7 +181,7 @@ def cpu_input(images, norm, *, mode: str = "none", gen: torch.Generator | None =
 @functools.cache
 def _pool() -> tuple[ThreadPoolExecutor, int]:
     """The augmentation threads, one per usable core (at most 8), made on first use."""
-    n = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    n = max(1, min(8, usable_cores()))
     return ThreadPoolExecutor(n, thread_name_prefix="retino-augment"), n
 
 

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from ._spawn import spawn_context
+from ._workers import usable_cores
 
 VERSION = "retino-synth-1"
 ICDR_PROPORTIONS = (0.735, 0.070, 0.151, 0.025, 0.020)
@@ -815,7 +816,7 @@ def make_dataset(out_dir, *, n: int = 2000, size: int = 256, seed: int = 0, test
     jobs = [(name, int(grades[i]), name.split("_")[1], size_arg, _image_seed(seed, i), str(out), quality,
              damage.get(i)) for name, i, _ in records]
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if n >= 64 else 1
+        workers = min(usable_cores(), 8) if n >= 64 else 1
     workers = max(1, min(int(workers), n))
     bar = None
     if progress:
