@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from retino import fileio
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +32,7 @@ def make_runs(root: Path, n: int, epochs: int = 10) -> None:
     for i in range(n):
         run = root / f"2026010{i // 10}-0000{i % 10:02d}-run{i:02d}"
         run.mkdir(parents=True)
-        runs.write_json(run / "config.json", {"train": TrainConfig(seed=i).to_dict(), "created": 1.7e9 + i})
+        fileio.write_json(run / "config.json", {"train": TrainConfig(seed=i).to_dict(), "created": 1.7e9 + i})
         runs.write_status(run, state="completed", epochs=epochs)
         for e in range(1, epochs + 1):
             runs.append_metrics(run, {"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 50, "test_loss": 1.1 / e,

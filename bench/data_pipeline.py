@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from retino.data import read_dataset  # noqa: E402
 from retino.data.cache import build_cache  # noqa: E402
 from retino.paths import cache_root  # noqa: E402
-from retino.data.loaders import CachedImages, make_loader, to_input  # noqa: E402
+from retino.data.loaders import CachedImages, make_loader
+from retino.data.augment import to_input
 from retino.models import normalization  # noqa: E402
 from retino.data.preprocess import load_and_preprocess, load_image, preprocess  # noqa: E402
 

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import machine, report, sync  # noqa: E402  (bench/data_pipeline.py)
-from retino.data.loaders import CachedImages, EpochSampler, make_loader, usable_cores  # noqa: E402
+from retino.data.loaders import CachedImages, EpochSampler, make_loader
+from retino.data._workers import usable_cores
 
 TARGET_RATIO = 2.5  # issue 12: batched reads feed >= 2.5x the images/s of per-row reads
 
@@ -59,7 +60,7 @@ def random_cache(folder: Path, n: int, size: int) -> Path:
 
 
 def per_row_loader(ds: CachedImages, batch: int, workers: int, pin: bool) -> DataLoader:
-    """The loader ``retino.train.make_loader`` built for a GPU before batched reads."""
+    """The loader ``retino.splits.make_loader`` built for a GPU before batched reads."""
     sampler = EpochSampler(ds.labels, seed=0)
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0)

@@ -56,7 +56,7 @@ from retino.config import ARCHS, TrainConfig  # noqa: E402
 from retino.data import read_dataset  # noqa: E402
 from retino.data.cache import build_cache, cache_key  # noqa: E402
 from retino.paths import cache_root  # noqa: E402
-from retino.data.loaders import resolve_workers  # noqa: E402
+from retino.data._workers import resolve_workers
 from retino.models import build_model  # noqa: E402
 from retino.train import fit  # noqa: E402
 

@@ -15,6 +15,7 @@ from retino.data import DatasetError, ImageError
 from retino.grades import grade_label
 from retino.inference import load_trained
 from retino.text import md_text
+from retino import results
 
 PERCENT = {"accuracy", "macro_f1", "balanced_acc", "sens_at_90spec", "majority_acc", "acc_over_majority"}
 HEADINGS = {"run": "run", "best_epoch": "best epoch", "epochs": "epochs", "accuracy": "accuracy", "qwk": "QWK",
@@ -82,7 +83,7 @@ def load_records() -> list[dict]:
     return [{"label": f"{label} (provisional)" if notes[r.id] else label, "name": "" if r.name == r.id else r.name,
              "id": r.id, "state": r.state, "note": notes[r.id],
              "config": r.config.get("train", {}), "tags": r.tags, "created": r.created, "path": r.path,
-             "problems": r.problems, "rows": rows[r.id], "dataset": compare.dataset_label(r.config),
+             "problems": r.problems, "rows": rows[r.id], "dataset": results.dataset_label(r.config),
              "code": r.config.get("code"), "data_fingerprint": r.config.get("data_fingerprint"),
              "full_config": r.config}
             for r, label in zip(infos, labels)]
@@ -140,9 +141,9 @@ def test_results(chosen: list[dict]) -> dict:
             continue
         if saved is not None:
             evaluated[r["id"]] = saved
-    table = compare.test_results_table([{**r, "report": reports.get(r["id"])} for r in chosen])
-    st.table(table.style.map(lambda v: "font-weight: bold" if str(v).endswith(compare.BEST_MARK) else ""))
-    st.caption(f"95% patient-level bootstrap intervals (both eyes resampled together). {compare.BEST_MARK.strip()} "
+    table = results.test_results_table([{**r, "report": reports.get(r["id"])} for r in chosen])
+    st.table(table.style.map(lambda v: "font-weight: bold" if str(v).endswith(results.BEST_MARK) else ""))
+    st.caption(f"95% patient-level bootstrap intervals (both eyes resampled together). {results.BEST_MARK.strip()} "
                "best point value among the selected runs (lowest ECE); overlapping intervals mean the gap may be "
                "noise: B vs A below says. Sensitivity and specificity of referable DR (grade ≥ 2) at each run's "
                "threshold, chosen on val for its target sensitivity.")
@@ -166,8 +167,8 @@ def test_results(chosen: list[dict]) -> dict:
                 except (runs.RunError, DatasetError, OSError) as e:
                     st.error(md_text(f"{r['label']}: {e}"))
     labels = {r["id"]: md_text(r["label"]) for r in chosen}  # names are text; the sentences around them are ours
-    mismatch = compare.test_set_mismatch({labels[i]: t for i, (t, _) in evaluated.items()})
-    for warning in ([mismatch] if mismatch else []) + compare.provenance_differences(
+    mismatch = results.test_set_mismatch({labels[i]: t for i, (t, _) in evaluated.items()})
+    for warning in ([mismatch] if mismatch else []) + results.provenance_differences(
             [{**r, "label": labels[r["id"]]} for r in chosen]):
         st.warning(warning, icon=":material/warning:")
     return evaluated
@@ -198,8 +199,8 @@ def b_vs_a(chosen: list[dict], evaluated: dict) -> None:
     except (runs.RunError, ValueError) as e:
         st.warning(f"A and B cannot be compared: {md_text(e)}", icon=":material/block:")
         return
-    st.markdown(compare.versus_sentence(result))
-    st.table(compare.versus_table(result))
+    st.markdown(results.versus_sentence(result))
+    st.table(results.versus_table(result))
     st.caption("B − A on the same test images; the interval and p(B better) come from resampling patients, "
                "the same ones for both runs in every resample, so what the two share cancels out.")
 
@@ -210,12 +211,12 @@ def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> N
         return
     st.subheader("Referable DR and calibration (test split)")
     tables = {r["label"]: evaluated[r["id"]] for r in chosen if r["id"] in evaluated}
-    rocs = {label: compare.roc(t, c) for label, (t, c) in tables.items()}
+    rocs = {label: results.roc(t, c) for label, (t, c) in tables.items()}
     for label, r in rocs.items():
         if "error" in r:
             st.caption(f"{md_text(label)}: {md_text(r['error'])}.")
     left, right = st.columns(2)
-    left.plotly_chart(charts.roc_curves(rocs, colours=colours), key="compare.roc")
+    left.plotly_chart(charts.roc_curves(rocs, colours=colours), key="results.roc")
     right.markdown("**Operating points** (◆): each run's threshold on P(grade ≥ 2), fixed on val for its target "
                    "sensitivity, applied once to test.")
     for label, r in rocs.items():
@@ -223,10 +224,10 @@ def roc_and_calibration(chosen: list[dict], evaluated: dict, colours: dict) -> N
             where = f"chosen on {r['chosen_on']}" if r["chosen_on"] else "none could be chosen: 0.5"
             right.caption(f"{md_text(label)}: threshold {r['threshold']:.3f} ({where}) → sensitivity {r['sensitivity']:.1%}, "
                           f"specificity {r['specificity']:.1%}; AUC {r['auc']:.3f}")
-    diagrams = {label: compare.reliability(t, c) for label, (t, c) in tables.items()}
+    diagrams = {label: results.reliability(t, c) for label, (t, c) in tables.items()}
     diagrams = {k: d for k, d in diagrams.items() if d is not None}
     if diagrams:
-        st.plotly_chart(charts.reliability_diagrams(diagrams, colours=colours), key="compare.reliability")
+        st.plotly_chart(charts.reliability_diagrams(diagrams, colours=colours), key="results.reliability")
         st.caption("A calibrated model's points lie on the diagonal: of the photos it gives 80% confidence, 80% "
                    "are right. Solid: after the temperature fitted on val (what Predict shows); dashed: before.")
 
@@ -245,7 +246,7 @@ def gallery(chosen: list[dict], evaluated: dict) -> None:
         if not c2.toggle("Show the photos (runs the model)", key="compare.gallery"):
             return
         run = by_id[rid]
-        worst = compare.worst_predictions(evaluated[rid][0], n=8)
+        worst = results.worst_predictions(evaluated[rid][0], n=8)
         if worst.empty:
             st.success("This run grades every test photo right.")
             return

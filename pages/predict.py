@@ -78,7 +78,7 @@ def pick_run():
     left.caption(f"{md_text(run.id)} · {cfg.get('arch', '?')} · {cfg.get('head', '?')} head · "
                  f"{cfg.get('image_size', '?')} px"
                  f"{' · Ben Graham' if cfg.get('ben_graham') else ''} · best checkpoint")
-    top = compare.best_row(rows[run.path]) or {}
+    top = runs.best_row(rows[run.path]) or {}
     m1, m2, m3, m4 = right.columns(4)
     m1.metric("Best epoch", top.get("epoch", "–"))
     m2.metric("test QWK", f"{top['test_qwk']:.3f}" if top.get("test_qwk") is not None else "–")

@@ -17,6 +17,7 @@ from retino import screen as screening
 from retino.screen_paths import path_problem
 from retino.choices import STATUSES
 from retino.text import md_text
+from retino import screen_paths, screen_report
 
 st.title("Screen a folder")
 st.caption("Every JPEG/PNG under a folder graded in batches: one row per photo, one per patient (referable when "
@@ -56,7 +57,7 @@ left.caption(f"{cfg.get('arch', '?')} · {cfg.get('head', '?')} head · {cfg.get
 folder = right.text_input("Folder of photographs", key="screen.folder", placeholder="/data/screening/2026-01-15",
                           help="Searched recursively for photos (JPEG, PNG, TIFF, BMP, DICOM); hidden files are skipped.")
 default_out = "RUNS/screens/<folder>/screen-<run>.csv" if not folder.strip() or path_problem(folder.strip()) \
-    else str(screening.default_report(folder.strip(), run.path))
+    else str(screen_paths.default_report(folder.strip(), run.path))
 out = right.text_input("Report file (.csv)", key="screen.out", placeholder=default_out,
                        help="Photos already in this report are skipped: start again to resume a stopped screen. "
                             "<name>.patients.csv and <name>.json are written beside it. Empty: under the runs "
@@ -77,14 +78,14 @@ def show_table(result_photos, patients, key: str, report) -> None:
     shown = st.multiselect("Show patients whose status is", STATUSES, default=list(STATUSES), key=f"{key}.status")
     st.dataframe(patients[patients["status"].isin(shown)], hide_index=True, key=f"{key}.patients",
                  column_config={"worst_grade": "worst grade", "ungraded": "photos not graded or ungradable"})
-    names = screening.report_paths(report)
-    st.download_button("Download the patients (CSV)", screening.table_csv(patients), file_name=names[1].name,
+    names = screen_report.report_paths(report)
+    st.download_button("Download the patients (CSV)", screen_report.table_csv(patients), file_name=names[1].name,
                        mime="text/csv", icon=":material/download:", key=f"{key}.download_patients")
     st.subheader("Photos")
     st.dataframe(result_photos.dropna(axis=1, how="all"), hide_index=True, key=f"{key}.photos",
                  column_config={f"p{g}": st.column_config.NumberColumn(f"P(grade {g})", format="percent")
                                 for g in range(5)})
-    st.download_button("Download the photos (CSV)", screening.table_csv(result_photos), file_name=names[0].name,
+    st.download_button("Download the photos (CSV)", screen_report.table_csv(result_photos), file_name=names[0].name,
                        mime="text/csv", icon=":material/download:", key=f"{key}.download_photos")
 
 
@@ -93,10 +94,10 @@ def stopped(job: dict) -> None:
     st.warning(f"Stopped: the photos graded so far are in {md_text(job['report'])}. Press Start with the same "
                "folder and report to continue where it stopped.", icon=":material/stop_circle:")
     try:
-        table = screening.read_report(job["report"])
-    except (screening.ScreenError, OSError, ValueError):
+        table = screen_report.read_report(job["report"])
+    except (screen_report.ScreenError, OSError, ValueError):
         return  # stopped before the report's first line
-    patients = screening.patient_table(table)
+    patients = screen_report.patient_table(table)
     st.caption(f"{len(table):,} photos in the report so far, {len(patients):,} patients (the screen is not "
                "finished: patients whose other eye is not yet graded may be missing).")
     show_table(table, patients, "screen.partial", job["report"])
@@ -118,10 +119,10 @@ def start(job: dict, max_files) -> None:
             workers=None if workers is None else int(workers), quality_gate=gate, on_progress=moved,
             max_files=max_files)
         bar.progress(1.0, text="Done")
-    except screening.TooManyPhotos as e:
+    except screen_paths.TooManyPhotos as e:
         bar.empty()
         st.session_state["screen.too_many"] = (job["folder"], str(e))
-    except (screening.ScreenError, runs.RunError, OSError) as e:
+    except (screen_report.ScreenError, runs.RunError, OSError) as e:
         bar.empty()
         st.error(md_text(e), icon=":material/error:")
     st.session_state.pop("screen.job", None)
@@ -142,11 +143,11 @@ if go or confirm:
     try:
         folder_path = admission.user_path(folder.strip(), "Folder")
         report = admission.user_path(out.strip(), "Report file") if out.strip() else \
-            screening.default_report(folder_path, run.path)
+            screen_paths.default_report(folder_path, run.path)
     except runs.RunError as e:
         st.error(md_text(e), icon=":material/error:")
     else:
-        start({"folder": str(folder_path), "report": str(report)}, None if confirm else screening.MAX_FILES)
+        start({"folder": str(folder_path), "report": str(report)}, None if confirm else screen_paths.MAX_FILES)
         if "screen.too_many" in st.session_state:
             st.rerun()  # show the question in place of the progress bar
 

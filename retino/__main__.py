@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-from .cli import (EXIT_BAD_INPUT, UserError, _num, _Parser, _print_json, cmd_cam_score,  # noqa: F401
+from .cli import (EXIT_BAD_INPUT, UserError, _num, _Parser, _print_json, cmd_cam_score,
                   cmd_export, cmd_predict, cmd_screen)
 
 
@@ -80,7 +80,8 @@ def cmd_train(args) -> int:
     from .config import config_from_args
     from .data import read_dataset
     from .models import WeightsUnavailable, check_weights
-    from .train import TrainingError, fit
+    from .train import fit
+    from .loop import TrainingError
     if args.resume:
         run_dir = admission.user_path(args.resume, "--resume")
         saved, cfg, changed = admission.resume_config(run_dir, args)

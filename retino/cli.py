@@ -175,7 +175,8 @@ def cmd_cam_score(args) -> int:
 def cmd_screen(args) -> int:
     """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
     from . import admission
-    from .screen import MAX_FILES, ScreenError, screen
+    from .screen import ScreenError, screen
+    from .screen_paths import MAX_FILES
     if args.max_files is not None and args.max_files < 1:
         raise UserError(f"--max-files must be a whole number >= 1, got {args.max_files}")
     limit = None if args.yes else (args.max_files if args.max_files is not None else MAX_FILES)

@@ -21,7 +21,8 @@ import pandas as pd
 
 
 from . import metrics
-from .runs import best_row, selected_on  # noqa: F401  (the chosen epoch is the run folder's fact)
+from .results import provenance
+from .runs import best_row, selected_on
 
 # column of the best-epoch table -> key of a metrics.jsonl row
 TABLE_METRICS = {
@@ -250,7 +251,3 @@ def filter_runs(table: pd.DataFrame, *, states=(), archs=(), pretrained=(), text
         keep &= (table["run"].str.contains(text, case=False, regex=False)
                  | table["tags"].str.contains(text, case=False, regex=False))
     return table[keep].reset_index(drop=True)
-
-
-# test results across runs live in retino.results; importable from here as before
-from .results import (BEST_MARK, PROB_COLS, TEST_METRICS, dataset_label, selected_on_text, code_text, provenance, provenance_differences, test_set_mismatch, best_rows, test_results_table, versus_table, versus_sentence, calibrated_probs, referable_score, roc, reliability, worst_predictions)  # noqa: E402,F401

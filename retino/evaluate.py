@@ -21,6 +21,7 @@ from .choices import read_evaluation, referral_of
 from .inference import load_trained
 from .report import (BOOT_SEED, N_BOOT, _calibrated_referable, _write_csv, add_referable, choose_on, head_of,
                      prediction_table, read_predictions, report, write_evaluation)
+from . import fileio
 
 FINAL_PHASE = "evaluating"  # status.json's phase while training evaluates its chosen checkpoint
 
@@ -106,7 +107,7 @@ def ensure_predictions(run_dir) -> tuple[pd.DataFrame, dict]:
               "note": "chosen on test (a run made before the val split)"}
     table = add_referable(table, chosen)
     _write_csv(run_dir / "predictions.csv", table)
-    runs.write_json(run_dir / "evaluation.json", chosen)
+    fileio.write_json(run_dir / "evaluation.json", chosen)
     return table, chosen
 
 
@@ -182,7 +183,7 @@ def compare_runs(run_a, run_b, *, data: str | None = None, n_boot: int = N_BOOT,
                        "ref_score": _calibrated_referable(t, c.get("temperature", 1.0))}, cut))
     diff = stats.paired_difference(sides[0][0], sides[1][0], groups=a["patient"].to_numpy(),
                                    threshold_a=sides[0][1], threshold_b=sides[1][1], n_boot=n_boot, seed=seed)
-    return runs.json_safe({"a": str(run_a), "b": str(run_b), "n_images": int(len(a)),
+    return fileio.json_safe({"a": str(run_a), "b": str(run_b), "n_images": int(len(a)),
                            "n_patients": int(a["patient"].nunique()), "diff": diff, "verdict": verdicts(diff)})
 
 

@@ -20,6 +20,7 @@ from . import runs
 from .data.preprocess import MASK_FRACTION
 from .grades import GRADE_NAMES, REFERABLE_GRADE
 from .inference import load_trained, referral
+from . import fileio
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 17                  # ONNX opset: onnxruntime >= 1.14 runs it; every op of a ResNet is in it
@@ -190,6 +191,6 @@ def export_run(run_dir, fmt: str = "onnx", out=None, *, checkpoint: str = "best.
     if fmt == "onnx":
         _write_onnx(model, example, "logits" if trained.config.head == "classify" else "score", model_path)
     else:
-        runs.write_atomic(model_path, _torchscript_bytes(model))
-    runs.write_json(json_path, deployment_info(trained, fmt, model_path.name, checkpoint))
+        fileio.write_atomic(model_path, _torchscript_bytes(model))
+    fileio.write_json(json_path, deployment_info(trained, fmt, model_path.name, checkpoint))
     return model_path, json_path

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import choices, inference, metrics, ood, quality
-from .data.loaders import normalize
+from .data.augment import normalize
 
 TTA_ANGLES = (10.0, -10.0)  # degrees; well inside training's +-30 (ANCHORS.md: the lab report's augmentation)
 

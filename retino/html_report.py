@@ -25,6 +25,7 @@ import pandas as pd
 from . import charts, compare, dashboard, evaluate, runs
 from .fileio import write_atomic
 from .grades import grade_label
+from . import results
 
 N_WORST = 4  # most-wrong photos per run: Grad-CAM of each runs the model once
 
@@ -91,7 +92,7 @@ def _records(run_dirs: Sequence) -> list[dict]:
         records.append({"label": label, "id": r.id, "path": r.path, "state": r.state,
                         "config": r.config.get("train", {}),
                         "full_config": r.config, "rows": runs.read_metrics(r.path),
-                        "dataset": compare.dataset_label(r.config), "code": r.config.get("code"),
+                        "dataset": results.dataset_label(r.config), "code": r.config.get("code"),
                         "data_fingerprint": r.config.get("data_fingerprint"),
                         "report": dashboard.read_test_report(r.path), "evaluated": dashboard.read_evaluation(r.path)})
     return records
@@ -127,11 +128,11 @@ def _dataset(page: _Page, records: list[dict]) -> None:
 
 def _test_results(page: _Page, records: list[dict]) -> None:
     page.heading("On the test split, everything chosen on val")
-    page.table(compare.test_results_table(records))
+    page.table(results.test_results_table(records))
     page.note("95% patient-level bootstrap intervals (both eyes resampled together); the star marks the best "
               "point value among these runs. Sensitivity and specificity of referable DR (grade >= 2) at each "
               "run's threshold, chosen on val for its target sensitivity and applied once to test.")
-    for warning in compare.provenance_differences(records):
+    for warning in results.provenance_differences(records):
         page.note(warning)
 
 
@@ -145,8 +146,8 @@ def _versus(page: _Page, a: dict, b: dict) -> None:
     except (runs.RunError, ValueError) as e:
         page.note(f"A and B cannot be compared: {e}")
         return
-    page.add(f"<p>{html.escape(compare.versus_sentence(result))}</p>")
-    page.table(compare.versus_table(result))
+    page.add(f"<p>{html.escape(results.versus_sentence(result))}</p>")
+    page.table(results.versus_table(result))
 
 
 def _roc_and_reliability(page: _Page, records: list[dict], colours: dict) -> None:
@@ -154,7 +155,7 @@ def _roc_and_reliability(page: _Page, records: list[dict], colours: dict) -> Non
     if not tables:
         return
     page.heading("Referable DR and calibration (test split)")
-    rocs = {label: compare.roc(t, c) for label, (t, c) in tables.items()}
+    rocs = {label: results.roc(t, c) for label, (t, c) in tables.items()}
     page.figure(charts.roc_curves(rocs, colours=colours))
     for label, r in rocs.items():
         if "error" in r:
@@ -163,7 +164,7 @@ def _roc_and_reliability(page: _Page, records: list[dict], colours: dict) -> Non
             where = f"chosen on {r['chosen_on']}" if r["chosen_on"] else "none could be chosen: 0.5"
             page.note(f"{label}: operating point (diamond) at threshold {r['threshold']:.3f} ({where}): sensitivity "
                       f"{r['sensitivity']:.1%}, specificity {r['specificity']:.1%}; AUC {r['auc']:.3f}.")
-    diagrams = {k: d for k, d in ((label, compare.reliability(t, c)) for label, (t, c) in tables.items()) if d}
+    diagrams = {k: d for k, d in ((label, results.reliability(t, c)) for label, (t, c) in tables.items()) if d}
     if diagrams:
         page.figure(charts.reliability_diagrams(diagrams, colours=colours))
         page.note("Solid: after the temperature fitted on val; dashed: before. A calibrated model lies on the "
@@ -193,7 +194,7 @@ def _config(page: _Page, records: list[dict]) -> None:
     if not diff.empty:
         page.table(diff, index=True)
     for r in records:
-        prov = {"run folder": r["id"], "state": r["state"], **compare.provenance(r)}
+        prov = {"run folder": r["id"], "state": r["state"], **results.provenance(r)}
         page.note(f"{r['label']}: " + "; ".join(f"{k} {v}" for k, v in prov.items()))
 
 
@@ -207,7 +208,7 @@ def _worst(page: _Page, records: list[dict], n: int) -> None:
     for r in records:
         if r["evaluated"] is None:
             continue
-        worst = compare.worst_predictions(r["evaluated"][0], n=n)
+        worst = results.worst_predictions(r["evaluated"][0], n=n)
         page.heading(r["label"], 3)
         if worst.empty:
             page.note("This run grades every test photo right.")

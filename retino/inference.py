@@ -4,7 +4,7 @@ What :mod:`retino.grading`, :mod:`retino.explain`, :mod:`retino.pointing`, :mod:
 and the pages share: :func:`load_trained` (the architecture and weights, with the run's choices read
 once by :func:`retino.choices.read_choices`: image size, Ben Graham setting, normalisation,
 thresholds, temperature, operating point and OOD model, never today's widget values), :func:`prepare_input` (decode and preprocess one input), :func:`model_input` (uint8
-images to the normalised tensor, the inference twin of :func:`retino.data.loaders.to_input`),
+images to the normalised tensor, the inference twin of :func:`retino.data.augment.to_input`),
 :func:`forward` / :func:`forward_features`, :func:`read_output` and :func:`referral`.
 
 A model shared across Streamlit sessions is used by one request at a time: every forward pass here
@@ -26,7 +26,7 @@ from PIL import Image
 from . import choices, metrics, ood, runs
 from .config import TrainConfig
 from .data import ImageError, load_image, preprocess
-from .data.loaders import normalize, to_float
+from .data.augment import normalize, to_float
 from .data.preprocess import MAX_PIXELS, _placement, _to_rgb, exif_upright, fundus_bbox
 from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
@@ -239,7 +239,7 @@ def unit_input(images, device) -> torch.Tensor:
 def model_input(images, device, norm) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> the normalised (B, 3, S, S) float the model takes, on ``device``.
 
-    Arguments in the order of :func:`retino.data.loaders.to_input`, and the values of its device path
+    Arguments in the order of :func:`retino.data.augment.to_input`, and the values of its device path
     without augmentation. Not its CPU path: that one fills a shared output buffer, which two
     Streamlit sessions predicting at once must not share.
     """

@@ -19,6 +19,7 @@ from . import runs
 from .config import TrainConfig
 from .fileio import resolve_data_path
 from .paths import REPO_ROOT, runs_root
+from . import fileio
 
 
 def config_to_args(cfg: TrainConfig) -> list[str]:
@@ -52,7 +53,7 @@ def launch(cfg: TrainConfig, root: Path | None = None) -> Path:
     run_dir = runs.create_run_dir(root, cfg.display_name())
     # a provisional config so the dashboard can name the run before training writes the full one
     # "provisional": the trainer recognises its own launch and may write into this non-empty folder
-    runs.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time(), "provisional": True})
+    fileio.write_json(run_dir / "config.json", {"train": cfg.to_dict(), "created": time.time(), "provisional": True})
     runs.write_status(run_dir, state="starting", pid=None, epoch=0, step=0, epochs=cfg.epochs)
     pid = _spawn(run_dir, config_to_args(cfg) + ["--run-dir", str(run_dir), "--quiet"])
     runs.write_status(run_dir, pid=pid)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import lifecycle, metrics
 from .config import TrainConfig
 from .data.cache import node_barrier
-from .data.loaders import to_input
+from .data.augment import to_input
 
 
 class TrainingError(RuntimeError):

@@ -45,7 +45,7 @@ def features_of(trained, seen: np.ndarray, *, batch_size: int = 64) -> np.ndarra
 
     Normalised with the run's own mean/std, as prediction does; what :func:`fit_ood` is fitted on.
     """
-    from .data.loaders import normalize, to_float
+    from .data.augment import normalize, to_float
     seen = np.asarray(seen)
     if seen.ndim != 4 or seen.shape[-1] != 3 or seen.dtype != np.uint8:
         raise ValueError(f"expected preprocessed photos (N, S, S, 3) uint8, got {seen.dtype} {seen.shape}")
@@ -200,7 +200,7 @@ def fit_run_ood(run_dir, model: torch.nn.Module, train_split, val_split, *, norm
     Args:
         run_dir: the run folder.
         model: the chosen checkpoint's network (unwrapped from DDP/compile), on its device.
-        train_split, val_split: ``retino.train.Split`` (``.dataset``, ``.labels``).
+        train_split, val_split: ``retino.splits.Split`` (``.dataset``, ``.labels``).
         norm: the run's ``(mean, std)``.
         epoch: the checkpoint's epoch, stored so a later best.pt is not judged by a stale model.
 

@@ -478,8 +478,3 @@ def judge(scores: dict, *, ood: tuple[float, float] | None = None, trained_on: s
         return Quality("not_fundus", photo + model, scores)
     reasons = _ungradable(scores, limits) + model
     return Quality("ungradable" if reasons else "ok", reasons, scores)
-
-
-# the model's own view lives in retino.ood; its names are kept here for the callers of the first version
-from .ood import (features_of, fit_ood, fit_run_ood, is_ood, load_ood, ood_score,  # noqa: E402,F401
-                  penultimate_features, read_run_ood, save_ood)

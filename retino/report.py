@@ -17,6 +17,7 @@ import pandas as pd
 
 from . import calibration, metrics, runs, stats
 from .choices import PROB_COLS, p_referable, referral_of
+from . import fileio
 
 N_BOOT = 1000
 BOOT_SEED = 0
@@ -136,7 +137,7 @@ def report(table: pd.DataFrame, chosen: dict, *, split: str = "test", epoch: int
         calib["ece_before_temperature"] = calibration.expected_calibration_error(probs_raw, y)
         calib["ece"] = calibration.expected_calibration_error(probs_cal, y)
     per_grade = metrics.classification_metrics(y, pred)
-    return runs.json_safe({
+    return fileio.json_safe({
         "split": split, "selected_on": chosen["selected_on"], "epoch": epoch, "n_images": int(len(part)),
         "n_patients": int(len(np.unique(groups))), "metrics": ivs,
         "referral": {"threshold": cut, "rule": rule},
@@ -156,13 +157,13 @@ def write_evaluation(run_dir, parts: dict, *, head: str, thresholds, epoch: int,
               "head": head, "thresholds": [float(t) for t in thresholds]}
     table = add_referable(table, chosen)
     _write_csv(run_dir / "predictions.csv", table)
-    runs.write_json(run_dir / "evaluation.json", chosen)
+    fileio.write_json(run_dir / "evaluation.json", chosen)
     test = report(table, chosen, split="test", epoch=epoch)
-    runs.write_json(run_dir / "test.json", test)
+    fileio.write_json(run_dir / "test.json", test)
     return test
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g")
-    runs.write_atomic(path, buf.getvalue().encode())
+    fileio.write_atomic(path, buf.getvalue().encode())

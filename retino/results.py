@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from . import calibration, metrics
+from . import calibration
 from .choices import PROB_COLS, p_referable, referral_of
 from .grades import REFERABLE_GRADE
 from .runs import selected_on

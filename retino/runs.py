@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import json_safe, write_atomic, write_json  # noqa: F401  (runs.* stay the run folder's writers)
+from .fileio import json_safe, write_atomic, write_json
 from .paths import REPO_ROOT, runs_root
 
 ACTIVE = ("starting", "queued", "running")  # states of a run whose trainer should be alive

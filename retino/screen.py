@@ -41,22 +41,20 @@ import cv2
 import pandas as pd
 import torch
 
-from . import grading, inference, runs
+from . import grading, inference
 from .config import TrainConfig
 from .data import ImageError
 from .data._spawn import spawn_context
 from .data._workers import usable_cores
-from .screen_paths import (MAX_FILES, TooManyPhotos, check_out, default_report,  # noqa: F401
-                           find_photos, report_lock)
+from .screen_paths import MAX_FILES, check_out, default_report, find_photos, report_lock
 from .choices import REFER, REFER_UNGRADED
-from .screen_report import (PATIENT_COLUMNS, PHOTO_COLUMNS, PROB_COLUMNS,
+from .screen_report import (PROB_COLUMNS,
                             Appender, ScreenError, error_row, open_report, patient_table, read_report,
-                            report_paths, table_csv, write_table)
+                            report_paths, write_table)
 from .data.dicom import patient_eye
+from . import fileio
 
-__all__ = ["screen", "ScreenResult", "ScreenError", "find_photos", "prepare_photo",
-           "inference_model", "default_workers", "POOL_MIN_PHOTOS", "default_report", "report_paths", "read_report",
-           "patient_table", "table_csv", "PHOTO_COLUMNS", "PATIENT_COLUMNS", "TooManyPhotos", "MAX_FILES"]
+__all__ = ["screen", "ScreenResult", "prepare_photo", "inference_model", "default_workers", "POOL_MIN_PHOTOS"]
 
 
 
@@ -325,5 +323,5 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     write_table(paths[1], patients)
     result = ScreenResult(paths[0], paths[1], paths[2], table, patients, cut, source, temperature,
                           finished, len(photos) + len(problems) - total, complete)
-    runs.write_json(paths[2], {"key": key, "summary": result.summary()})
+    fileio.write_json(paths[2], {"key": key, "summary": result.summary()})
     return result

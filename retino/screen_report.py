@@ -23,6 +23,7 @@ import pandas as pd
 from . import runs
 from .choices import PROB_COLS, REFER_UNGRADED, STATUSES, eye_status
 from .data.names import parse_patient_eye
+from . import fileio
 
 PROB_COLUMNS = PROB_COLS  # one definition of the probability columns (retino.choices)
 PHOTO_COLUMNS = ["image", "patient", "eye", "grade", *PROB_COLUMNS, "score", "referable_score", "referable",
@@ -120,7 +121,7 @@ def open_report(paths: tuple[Path, Path, Path], key: dict) -> set[str]:
             old = runs.read_json(meta).get("key") or {}
         except runs.RunError as e:
             raise ScreenError(f"{meta}: cannot tell how {photos.name} was made ({e}); choose another report file")
-        diff = _differences(old, runs.json_safe(key))
+        diff = _differences(old, fileio.json_safe(key))
         if diff:
             raise ScreenError(f"{photos}: was made with {'; '.join(diff)}; re-run with the same settings to "
                               f"resume it, or choose another report file")
@@ -138,8 +139,8 @@ def open_report(paths: tuple[Path, Path, Path], key: dict) -> set[str]:
         return {unescape_cell(row[0]) for row in csv.reader(lines) if row}
     try:
         photos.parent.mkdir(parents=True, exist_ok=True)
-        runs.write_json(meta, {"key": key})
-        runs.write_atomic(photos, HEADER.encode())
+        fileio.write_json(meta, {"key": key})
+        fileio.write_atomic(photos, HEADER.encode())
     except OSError as e:
         raise ScreenError(f"{photos}: cannot write the report there ({e.strerror or e}); choose another --out")
     return set()
@@ -233,4 +234,4 @@ def table_csv(table: pd.DataFrame) -> bytes:
 
 def write_table(path: Path, table: pd.DataFrame) -> None:
     """A table as CSV, written atomically (readers see the old file or the new)."""
-    runs.write_atomic(path, table_csv(table))
+    fileio.write_atomic(path, table_csv(table))

@@ -12,7 +12,8 @@ from . import lifecycle
 from .config import TrainConfig
 from .data import DatasetError
 from .data.cache import build_cache, local_group
-from .data.loaders import CachedImages, DecodedImages, resolve_workers
+from .data.loaders import CachedImages, DecodedImages
+from .data._workers import resolve_workers
 from .data.loaders import make_loader as data_loader
 from .loop import Context
 

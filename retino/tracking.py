@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
+from . import fileio
 
 TB_DIR = "tb"
 _SPLITS = ("train", "val", "test")
@@ -187,7 +188,7 @@ class MlflowSink:
             params = [Param(k, str(v)[:6000]) for k, v in config.items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 client.log_batch(run_id, params=params[i:i + 100])
-            runs.write_json(self.run_dir / "mlflow.json", {"run_id": run_id, "tracking_uri": self.uri})
+            fileio.write_json(self.run_dir / "mlflow.json", {"run_id": run_id, "tracking_uri": self.uri})
         self.client, self.run_id = client, run_id
 
     def buffer(self, values: Mapping[str, float], step: int) -> None:

@@ -28,11 +28,12 @@ from . import lifecycle, metrics, runs, tracking
 from .config import TrainConfig
 from .data import DatasetError, read_dataset
 from .data.loaders import epoch_seed
-from .loop import (Context, EpochState, TrainingError, autocast, grades_of, pick_device,  # noqa: F401
-                   setup_context, split_metrics, train_one_epoch, validate, Cadence)
-from .splits import Split, check_split, load_split, make_loader  # noqa: F401
+from .loop import (Context, EpochState, TrainingError, setup_context, split_metrics, train_one_epoch,
+                   validate)
+from .splits import check_split, load_split, make_loader
 from .grades import DEFAULT_THRESHOLDS
 from .models import build_model, normalization
+from . import fileio
 
 
 # ----------------------------------------------------------------------------- model and optimiser
@@ -312,7 +313,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ctx: Context, beat, resume: bool, prog
             ckpt = make_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                    dataset_info=dataset_info, epoch=epoch, partial=None, gen=gen,
                                    thresholds=thresholds, best=best, best_epoch=best_epoch, norm=norm,
-                                   row=runs.json_safe(row))
+                                   row=fileio.json_safe(row))
             # metrics, then last.pt, then best.pt: a kill between two of them leaves a folder that a
             # resume reconciles exactly (runs.reconcile): metrics ahead of last.pt are replayed, a
             # best.pt behind last.pt's best epoch is rewritten from last.pt.

@@ -20,6 +20,7 @@ from retino import paths
 from retino import jobs, runs, settings
 from retino.config import TrainConfig
 from retino.data import read_dataset, stats
+from retino import fileio
 
 PAGES = ["pages/data.py", "pages/train.py", "pages/compare.py", "pages/predict.py", "pages/screen.py"]
 
@@ -63,7 +64,7 @@ def add_run(trained_run, runs_dir, name, *, created=None, **status) -> Path:
     shutil.copytree(trained_run, dst, copy_function=_link_or_copy)
     if created is not None:
         config = json.loads((dst / "config.json").read_text())
-        runs.write_json(dst / "config.json", {**config, "created": created})
+        fileio.write_json(dst / "config.json", {**config, "created": created})
     if status:
         runs.write_status(dst, **status)
     return dst
@@ -185,7 +186,7 @@ def launched(monkeypatch):
     def fake_launch(cfg, root=None):
         calls.append(cfg)
         path = runs.create_run_dir(None, cfg.display_name())
-        runs.write_json(path / "config.json", {"train": cfg.to_dict(), "created": time.time()})
+        fileio.write_json(path / "config.json", {"train": cfg.to_dict(), "created": time.time()})
         runs.write_status(path, state="failed", error="not really started")
         return path
     monkeypatch.setattr(jobs, "launch", fake_launch)
@@ -350,7 +351,7 @@ def test_compare_groups_seeds_and_diffs_configs(data_in_use, runs_dir, trained_r
         path = add_run(trained_run, runs_dir, f"seed{seed}")
         config = json.loads((path / "config.json").read_text())
         config["train"]["seed"] = seed
-        runs.write_json(path / "config.json", config)
+        fileio.write_json(path / "config.json", config)
     at = app("pages/compare.py", **{"compare.selected": ["seed0", "seed1"]})
     groups = at.dataframe[2].value
     assert groups["n"].tolist() == [2] and "±" in groups["qwk"][0]
@@ -434,7 +435,7 @@ def test_item1_compare_marks_a_running_run_and_never_scores_it_as_finished(data_
     config = json.loads((live / "config.json").read_text())
     config["train"]["seed"] = 1  # otherwise the same settings: a seed pair
     (live / "config.json").unlink()
-    runs.write_json(live / "config.json", config)
+    fileio.write_json(live / "config.json", config)
     before = {name: (live / name).stat().st_mtime_ns for name in ("test.json", "evaluation.json", "predictions.csv")}
     at = app("pages/compare.py", **{"compare.selected": ["done", "live"], "compare.a": "done", "compare.b": "live"})
     text = texts(at)
@@ -505,7 +506,7 @@ def test_item5_compare_says_when_calibration_did_not_help(data_in_use, runs_dir,
     report = json.loads((path / "test.json").read_text())
     report["calibration"].update(ece_before_temperature=0.019, ece=0.029, temperature=3.11)
     (path / "test.json").unlink()
-    runs.write_json(path / "test.json", report)
+    fileio.write_json(path / "test.json", report)
     text = texts(app("pages/compare.py", **{"compare.selected": ["cal"]}))
     assert "temperature scaling did not help on test: ECE 0.019 before, 0.029 after" in text
 
@@ -523,7 +524,7 @@ def test_item5_evaluate_says_when_calibration_did_not_help(runs_dir, trained_run
     chosen = json.loads((path / "evaluation.json").read_text())
     # a temperature far from the fitted one makes test calibration worse than none
     (path / "evaluation.json").unlink()
-    runs.write_json(path / "evaluation.json", {**chosen, "temperature": 25.0})
+    fileio.write_json(path / "evaluation.json", {**chosen, "temperature": 25.0})
     out = run_cli("evaluate", path)
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if l.strip().startswith("calibration"))

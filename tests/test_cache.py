@@ -11,7 +11,9 @@ from PIL import Image
 from retino.data import read_dataset
 from retino.data.cache import build_cache, cache_key
 from retino.data import loaders
-from retino.data.loaders import CachedImages, DecodedImages, EpochSampler, augment
+from retino.data.loaders import CachedImages, DecodedImages, EpochSampler
+from retino.data.augment import augment
+from retino.data import augment
 
 
 def test_cached_and_uncached_give_the_same_tensors(tiny_data, tmp_path):
@@ -117,8 +119,8 @@ def test_cpu_path_equals_the_tensor_path(mode, interpolation):
               for _ in range(6)]
     u8 = torch.from_numpy(np.stack(smooth))  # (6, 48, 48, 3)
     norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    cpu = loaders.cpu_input(u8, norm, mode=mode, gen=torch.Generator().manual_seed(3), interpolation=interpolation)
-    ref = loaders.normalize(loaders.augment(loaders.to_float(u8, "cpu"), mode, torch.Generator().manual_seed(3),
+    cpu = augment.cpu_input(u8, norm, mode=mode, gen=torch.Generator().manual_seed(3), interpolation=interpolation)
+    ref = augment.normalize(augment.augment(augment.to_float(u8, "cpu"), mode, torch.Generator().manual_seed(3),
                                             interpolation), *norm)
     assert cpu.shape == ref.shape == (6, 3, 48, 48)
     assert cpu.is_contiguous(memory_format=torch.channels_last)
@@ -127,18 +129,18 @@ def test_cpu_path_equals_the_tensor_path(mode, interpolation):
         assert float(diff.max()) < 1e-5
     else:  # the uint8 warp rounds once: half a grey level, over the smallest std
         assert float(diff.max()) < 0.6 / 255 / 0.224 + 1e-4
-    rows = loaders.cpu_input(list(u8.numpy()), norm, mode=mode, gen=torch.Generator().manual_seed(3),
+    rows = augment.cpu_input(list(u8.numpy()), norm, mode=mode, gen=torch.Generator().manual_seed(3),
                              interpolation=interpolation)
     assert torch.equal(rows, cpu)  # rows handed over one by one (the CPU loader) give the same batch
 
 
 def test_cpu_output_buffers_are_reused_only_when_free():
     shape = (2, 8, 8, 3)
-    first = loaders.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
-    second = loaders.cpu_input(torch.full(shape, 255, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    first = augment.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    second = augment.cpu_input(torch.full(shape, 255, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
     assert float(first.max()) == -1.0 and float(second.min()) == 1.0  # the first batch was not overwritten
     view = second[:, :1]
     del first, second
-    third = loaders.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    third = augment.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
     assert float(view.min()) == 1.0  # a live view keeps its buffer out of the pool
     assert float(third.max()) == -1.0

@@ -7,6 +7,8 @@ import pytest
 
 from retino import charts, compare, metrics
 from retino.config import TrainConfig
+from retino import results
+from retino import runs
 
 # 10 test images: 7 of grade 0, 1 of grade 1, 2 of grade 2 -> the majority baseline is 70%
 CONF_A = [[7, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 1, 0, 0], [0] * 5, [0] * 5]
@@ -25,12 +27,12 @@ def run(label, rows, **config):
 
 def test_best_epoch_is_max_qwk_not_max_accuracy_nor_last():
     rows = [row(1, 0.10, 0.80), row(2, 0.60, 0.70, CONF_B), row(3, 0.40, 0.75)]
-    assert compare.best_row(rows)["epoch"] == 2
+    assert runs.best_row(rows)["epoch"] == 2
     assert compare.pick_row(rows, "last")["epoch"] == 3
-    assert compare.best_row([row(1, 0.5, 0.7), row(2, 0.5, 0.9)])["epoch"] == 1  # ties: the earliest
-    assert compare.best_row([]) is None
+    assert runs.best_row([row(1, 0.5, 0.7), row(2, 0.5, 0.9)])["epoch"] == 1  # ties: the earliest
+    assert runs.best_row([]) is None
     chosen_on_val = [row(1, 0.9, 0.8, val_qwk=0.2), row(2, 0.1, 0.7, val_qwk=0.5)]
-    assert compare.best_row(chosen_on_val)["epoch"] == 2  # validation decides, even where test disagrees
+    assert runs.best_row(chosen_on_val)["epoch"] == 2  # validation decides, even where test disagrees
     assert compare.run_table([run("v", chosen_on_val)])["best_qwk"][0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="best or last"):
         compare.pick_row(rows, "first")
@@ -196,20 +198,20 @@ SCORES = [0.9, 0.7, 0.4, 0.1, 0.3, 0.6, 0.2]
 def test_roc_operating_point_is_the_val_threshold_applied_to_test():
     table = pd.concat([predictions("val", [0, 2], [0.2, 0.8]), predictions("test", LABELS, SCORES)])
     chosen = {"selected_on": "val", "temperature": 1.0, "operating_point": {"threshold": 0.5}}
-    r = compare.roc(table, chosen)
+    r = results.roc(table, chosen)
     assert r["sensitivity"] == pytest.approx(2 / 3) and r["specificity"] == pytest.approx(3 / 4)
     assert r["point"] == pytest.approx((0.25, 2 / 3)) and r["chosen_on"] == "val"
     # a threshold between two scores is a vertex of the empirical curve: the marker sits on it
     assert any(np.isclose(x, 0.25) and np.isclose(y, 2 / 3) for x, y in zip(r["fpr"], r["tpr"]))
     assert r["auc"] == pytest.approx(11 / 12)  # 11 of the 12 (referable, not) pairs ordered right
-    high = compare.roc(table, {**chosen, "operating_point": {"threshold": 0.8}})
+    high = results.roc(table, {**chosen, "operating_point": {"threshold": 0.8}})
     assert high["point"] == pytest.approx((0.0, 1 / 3))
-    none = compare.roc(table, {**chosen, "operating_point": {"threshold": None}})
+    none = results.roc(table, {**chosen, "operating_point": {"threshold": None}})
     assert none["threshold"] == 0.5 and none["chosen_on"] is None  # as the test report: 0.5, said so
     with pytest.raises(ValueError, match="no test predictions"):
-        compare.roc(table[table["split"] == "val"], chosen)
+        results.roc(table[table["split"] == "val"], chosen)
     healthy = predictions("test", [0, 0, 1], [0.1, 0.2, 0.3])
-    assert "no referable image" in compare.roc(healthy, chosen)["error"]
+    assert "no referable image" in results.roc(healthy, chosen)["error"]
 
 
 def test_roc_point_agrees_with_the_test_report_after_temperature():
@@ -224,18 +226,18 @@ def test_roc_point_agrees_with_the_test_report_after_temperature():
         table[f"p{g}"] = probs[:, g]
     table["grade"] = probs.argmax(1)
     chosen = {"selected_on": "val", "temperature": 2.5, "operating_point": {"threshold": 0.4}}
-    r = compare.roc(table, chosen)
+    r = results.roc(table, chosen)
     rep = report.report(table, chosen, n_boot=50)
     assert r["sensitivity"] == pytest.approx(rep["metrics"]["sensitivity"]["value"])
     assert r["specificity"] == pytest.approx(rep["metrics"]["specificity"]["value"])
     assert r["auc"] == pytest.approx(rep["metrics"]["referable_auc"]["value"])
-    rel = compare.reliability(table, chosen)
+    rel = results.reliability(table, chosen)
     assert rel["ece"] == pytest.approx(rep["calibration"]["ece"], abs=1e-9)
     assert rel["ece_before"] == pytest.approx(rep["calibration"]["ece_before_temperature"], abs=1e-9)
     assert rel["ece"] != pytest.approx(rel["ece_before"])  # the temperature moved the probabilities
     assert rel["after"]["count"].sum() == 60 and len(rel["after"]) == 15
     regress = table.drop(columns=[f"p{g}" for g in range(5)]).assign(score=1.0)
-    assert compare.reliability(regress, chosen) is None
+    assert results.reliability(regress, chosen) is None
 
 
 def report(qwk, acc, *, ece=0.05, n=400, where="val", threshold=0.3):
@@ -252,12 +254,12 @@ def test_test_results_table_intervals_and_best_marks():
             {**run("old", [row(1, 0.5, 0.6)]), "dataset": "eyepacs", "report": report(0.70, 0.75, where="test",
                                                                                        threshold=None)},
             {**run("fresh", [row(1, 0.5, 0.6, val_qwk=0.4)]), "dataset": "eyepacs", "report": None}]
-    table = compare.test_results_table(runs).set_index("run")
-    assert table.loc["a", "QWK"] == "0.842 [0.832-0.853]" + compare.BEST_MARK  # the max point value
+    table = results.test_results_table(runs).set_index("run")
+    assert table.loc["a", "QWK"] == "0.842 [0.832-0.853]" + results.BEST_MARK  # the max point value
     assert table.loc["b", "QWK"] == "0.800 [0.790-0.811]"
     # accuracy ties between b and old: both marked; a is not
-    assert table["accuracy"].str.endswith(compare.BEST_MARK).tolist() == [False, True, True, False]
-    assert table.loc["b", "ECE"] == "0.030" + compare.BEST_MARK  # lowest is best
+    assert table["accuracy"].str.endswith(results.BEST_MARK).tolist() == [False, True, True, False]
+    assert table.loc["b", "ECE"] == "0.030" + results.BEST_MARK  # lowest is best
     assert not table["macro-F1"].str.contains("★").any()  # everyone ties: a marker would say nothing
     assert table.loc["a", "ref. AUC"] == "n/a"
     assert table.loc["a", "test images"] == "400" and table.loc["a", "data set"] == "synthetic · debe0a88"
@@ -270,42 +272,42 @@ def test_test_results_table_intervals_and_best_marks():
 def test_best_rows_max_min_ties_and_lone_values():
     values = pd.DataFrame({"QWK": [0.3, 0.9, float("nan"), 0.9], "ECE": [0.2, 0.1, 0.05, 0.3],
                            "lone": [float("nan"), 0.5, float("nan"), float("nan")]})
-    best = compare.best_rows(values)
+    best = results.best_rows(values)
     assert best == {"QWK": [1, 3], "ECE": [2], "lone": []}
 
 
 def test_test_set_mismatch_names_counts_and_relabelled_images():
     a = predictions("test", LABELS, SCORES)
-    assert compare.test_set_mismatch({"a": a, "b": a.copy()}) is None
-    assert compare.test_set_mismatch({"a": a}) is None
+    assert results.test_set_mismatch({"a": a, "b": a.copy()}) is None
+    assert results.test_set_mismatch({"a": a}) is None
     fewer = a.iloc[:5]
-    text = compare.test_set_mismatch({"a": a, "b": fewer})
+    text = results.test_set_mismatch({"a": a, "b": fewer})
     assert text.startswith("Not evaluated on the same test images") and "a: 7 images" in text
     assert "b: 5 images, 5 in common with a" in text and "--data DIR" in text
     relabelled = a.assign(label=[2, 3, 4, 0, 0, 1, 2])
-    assert "7 in common with a (1 with other labels)" in compare.test_set_mismatch({"a": a, "b": relabelled})
+    assert "7 in common with a (1 with other labels)" in results.test_set_mismatch({"a": a, "b": relabelled})
     other_val = pd.concat([a, predictions("val", [0], [0.1])])
-    assert compare.test_set_mismatch({"a": a, "b": other_val}) is None  # only test counts
+    assert results.test_set_mismatch({"a": a, "b": other_val}) is None  # only test counts
 
 
 def test_provenance_differences_and_config_diff_rows():
     code = {"commit": "77adeb0e59c1", "dirty": False}
     a = {**run("a", []), "code": code, "data_fingerprint": "debe0a885996c2d1"}
     same = {**run("b", []), "code": dict(code), "data_fingerprint": "debe0a885996c2d1"}
-    assert compare.provenance_differences([a, same]) == []
+    assert results.provenance_differences([a, same]) == []
     assert compare.config_diff([a, same]).empty
     dirty = {**same, "code": {**code, "dirty": True}, "data_fingerprint": "0123456789abcdef"}
     older = {**run("old", []), "code": None, "data_fingerprint": None}
-    warnings = compare.provenance_differences([a, dirty, older])
+    warnings = results.provenance_differences([a, dirty, older])
     assert warnings[0] == ("The selected runs differ in code (git commit): a: 77adeb0; b: 77adeb0 + uncommitted "
                            "changes; old: not recorded.")
     assert "data (labels' fingerprint)" in warnings[1] and "b: 0123456789abcdef" in warnings[1]
     diff = compare.config_diff([a, dirty, older])
     assert diff.loc["code commit"].tolist() == ["77adeb0", "77adeb0 + uncommitted changes", "not recorded"]
     assert diff.loc["data fingerprint", "old"] == "not recorded"
-    assert compare.dataset_label({"dataset": {"path": "/data/eyepacs/"}, "data_fingerprint": "debe0a885996c2d1"}) \
+    assert results.dataset_label({"dataset": {"path": "/data/eyepacs/"}, "data_fingerprint": "debe0a885996c2d1"}) \
         == "eyepacs · debe0a88"
-    assert compare.dataset_label({"train": {"data": "data\\synthetic"}}) == "synthetic"
+    assert results.dataset_label({"train": {"data": "data\\synthetic"}}) == "synthetic"
 
 
 def test_versus_table_and_sentence():
@@ -314,35 +316,35 @@ def test_versus_table_and_sentence():
                        "accuracy": {"value": 0.03, "lo": 0.01, "hi": 0.05, "p_b_better": 0.999}},
               "verdict": {"qwk": "no detectable difference: the interval includes 0",
                           "accuracy": "B is better: the interval excludes 0"}}
-    table = compare.versus_table(result)
+    table = results.versus_table(result)
     assert table["metric"].tolist() == ["QWK", "accuracy"]
     assert table.iloc[0, 1] == "0.012 [-0.010 to 0.034]" and table["p(B better)"].tolist() == ["84%", "100%"]
-    assert compare.versus_sentence(result) == (
+    assert results.versus_sentence(result) == (
         "QWK, B − A = 0.012 [-0.010 to 0.034] on 400 test images of 200 patients; B scores higher in 84% of the "
         "paired patient resamples. No detectable difference: the interval includes 0.")
-    assert compare.versus_sentence(result, "accuracy").endswith("B is better: the interval excludes 0.")
+    assert results.versus_sentence(result, "accuracy").endswith("B is better: the interval excludes 0.")
 
 
 def test_worst_predictions_by_distance_then_probability_of_the_truth():
     t = predictions("test", [4, 4, 2, 0, 3, 1], [0.1, 0.2, 0.3, 0.1, 0.9, 0.2], grades=[0, 0, 0, 0, 3, 1])
     t.loc[1, "p4"], t.loc[1, "p0"] = 0.3, 0.5  # image 1: same distance as image 0, more faith in the truth
-    worst = compare.worst_predictions(t)
+    worst = results.worst_predictions(t)
     assert worst["image"].tolist() == ["img0", "img1", "img2"]  # right answers left out
     assert worst["distance"].tolist() == [4, 4, 2] and worst["p_true"][1] == pytest.approx(0.3)
-    assert len(compare.worst_predictions(t, n=1)) == 1
+    assert len(results.worst_predictions(t, n=1)) == 1
     regress = t.drop(columns=[f"p{g}" for g in range(5)]).assign(score=[0.2, 0.4, 1.2, 0.0, 3.0, 1.0])
-    assert compare.worst_predictions(regress)["image"].tolist() == ["img0", "img1", "img2"]  # 0.2 is farther from 4
+    assert results.worst_predictions(regress)["image"].tolist() == ["img0", "img1", "img2"]  # 0.2 is farther from 4
 
 
 def test_roc_and_reliability_figures():
     table = predictions("test", LABELS, SCORES)
     chosen = {"selected_on": "val", "temperature": 1.0, "operating_point": {"threshold": 0.5}}
-    rocs = {"a": compare.roc(table, chosen), "b": {"error": "no referable image"}}
+    rocs = {"a": results.roc(table, chosen), "b": {"error": "no referable image"}}
     fig = charts.roc_curves(rocs)
     marker = [t for t in fig.data if t.mode == "markers"]
     assert len(marker) == 1 and marker[0].x[0] == pytest.approx(0.25) and marker[0].y[0] == pytest.approx(2 / 3)
     assert "AUC 0.917" in fig.data[1].name
-    rel = compare.reliability(table, chosen)
+    rel = results.reliability(table, chosen)
     fig = charts.reliability_diagrams({"a": rel, "b": rel})
     assert [a.text.split("<br>")[1] for a in fig.layout.annotations][0] == \
         f"ECE {rel['ece']:.3f} (before T=1.00: {rel['ece_before']:.3f})"

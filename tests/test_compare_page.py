@@ -20,6 +20,8 @@ from conftest import REPO, TINY_TRAIN
 from retino import paths
 from retino import compare, evaluate, report, runs, settings
 from retino.stats import format_interval
+from retino import fileio
+from retino import results
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def add(run: Path, name: str, age: float) -> Path:
     shutil.copytree(run, dst, copy_function=_link_or_copy)
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").unlink()
-    runs.write_json(dst / "config.json", {**config, "created": time.time() - age})
+    fileio.write_json(dst / "config.json", {**config, "created": time.time() - age})
     return dst
 
 
@@ -95,8 +97,8 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
     fingerprint = json.loads((a / "config.json").read_text())["data_fingerprint"]
     for run_id, rep in reports.items():
         row = table.loc[table.index.str.endswith(f"[{run_id}]")].iloc[0]
-        assert row["QWK"].removesuffix(compare.BEST_MARK) == format_interval(rep["metrics"]["qwk"])
-        assert row["sensitivity"].removesuffix(compare.BEST_MARK) == format_interval(rep["metrics"]["sensitivity"])
+        assert row["QWK"].removesuffix(results.BEST_MARK) == format_interval(rep["metrics"]["qwk"])
+        assert row["sensitivity"].removesuffix(results.BEST_MARK) == format_interval(rep["metrics"]["sensitivity"])
         assert row["test images"] == str(rep["n_images"]) and row["selected on"] == "val"
         assert row["data set"] == f"{data_in_use.name} · {fingerprint[:8]}"
     acc = {i: rep["metrics"]["accuracy"]["value"] for i, rep in reports.items()}
@@ -108,20 +110,20 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
     # B vs A: A is the older run (seed0), B the newer; the sentence is compare_runs' verdict
     result = evaluate.compare_runs(a, b)
     sentence = [m.value for m in at.markdown if str(m.value).startswith("QWK, B − A")]
-    assert sentence == [compare.versus_sentence(result)]
+    assert sentence == [results.versus_sentence(result)]
     verdict = result["verdict"]["qwk"]
     assert verdict[0].upper() + verdict[1:] in sentence[0]
     assert at.table[1].value["metric"].tolist()[:4] == ["QWK", "accuracy", "macro-F1", "ref. AUC"]
 
     # ROC: each run's operating point at its test report's (1 - specificity, sensitivity)
-    roc = figure(at, "compare.roc")
+    roc = figure(at, "results.roc")
     points = [t for t in roc["data"] if t.get("mode") == "markers"]
     assert len(points) == 2
     for t in points:
         rep = reports["seed0" if "[seed0]" in t["name"] else "seed1"]
         assert t["x"][0] == pytest.approx(1 - rep["metrics"]["specificity"]["value"])
         assert t["y"][0] == pytest.approx(rep["metrics"]["sensitivity"]["value"])
-    titles = [a["text"] for a in figure(at, "compare.reliability")["layout"]["annotations"]]
+    titles = [a["text"] for a in figure(at, "results.reliability")["layout"]["annotations"]]
     assert sorted(float(t.split("ECE ")[1].split(" ")[0]) for t in titles) == pytest.approx(
         sorted(round(rep["calibration"]["ece"], 3) for rep in reports.values()))
     qwk_curves = figure(at, "compare.qwk")
@@ -130,7 +132,7 @@ def test_compare_shows_intervals_b_vs_a_roc_reliability_and_the_worst_photos(two
     # the most-wrong photos, with their Grad-CAM only once asked for
     assert not at.get("image")
     table_b = report.read_predictions(b)
-    expected = len(compare.worst_predictions(table_b))
+    expected = len(results.worst_predictions(table_b))
     at.selectbox(key="compare.gallery_run").set_value("seed1").run()
     at.toggle(key="compare.gallery").set_value(True).run()
     assert not at.exception, at.exception
@@ -147,10 +149,10 @@ def test_runs_on_other_test_images_get_a_warning_not_an_exception(two_runs, data
     table.loc[test.index[2], "image"] = "elsewhere_left"  # ... and one the other run never saw
     for name in ("predictions.csv", "test.json"):
         (other / name).unlink()  # hard-linked to the trained run: replace, never write into
-    runs.write_atomic(other / "predictions.csv", table.to_csv(index=False).encode())
+    fileio.write_atomic(other / "predictions.csv", table.to_csv(index=False).encode())
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").unlink()
-    runs.write_json(other / "config.json", {**config, "data_fingerprint": "0123456789abcdef"})
+    fileio.write_json(other / "config.json", {**config, "data_fingerprint": "0123456789abcdef"})
 
     at = open_compare("seed0", "other-data")
     warnings = " ".join(w.value for w in at.warning).replace("\\", "")  # run names are escaped markdown: the text shown

@@ -7,13 +7,14 @@ import pytest
 
 from retino import dashboard, plan, runs
 from retino.config import TrainConfig
+from retino import fileio
 
 
 def make_run(root, name, *, state="completed", rows=(), created=0.0, **status):
     path = root / name
     path.mkdir(parents=True)
-    runs.write_json(path / "config.json", {"train": TrainConfig().to_dict(), "created": created})
-    runs.write_json(path / "status.json", {"state": state, "updated": 0, **status})
+    fileio.write_json(path / "config.json", {"train": TrainConfig().to_dict(), "created": created})
+    fileio.write_json(path / "status.json", {"state": state, "updated": 0, **status})
     for row in rows:
         runs.append_metrics(path, row)
     return runs.load_run(path)
@@ -151,9 +152,9 @@ def test_item2_every_figure_names_its_split():
 def _cpu_run(root, name, *, arch, size, rate, state="completed", device="cpu"):
     path = root / name
     path.mkdir(parents=True)
-    runs.write_json(path / "config.json", {"train": {**TrainConfig().to_dict(), "arch": arch, "image_size": size},
+    fileio.write_json(path / "config.json", {"train": {**TrainConfig().to_dict(), "arch": arch, "image_size": size},
                                            "device": device, "created": 0})
-    runs.write_json(path / "status.json", {"state": state, "images_per_s": rate})
+    fileio.write_json(path / "status.json", {"state": state, "images_per_s": rate})
     return runs.load_run(path)
 
 

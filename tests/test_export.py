@@ -15,7 +15,7 @@ import torch
 
 from conftest import run_cli
 from retino import runs
-from retino.data.loaders import normalize, to_float
+from retino.data.augment import normalize, to_float
 from retino.data.preprocess import load_and_preprocess
 from retino.inference import load_trained
 from retino.export import FORMATS, export_run

@@ -23,8 +23,9 @@ import feed_ranks  # tests/feed_ranks.py
 from retino.data import loaders, read_dataset
 from retino.data.cache import CacheError, CacheStopped, build_cache
 from retino.data.feeder import CacheFeeder
-from retino.data.loaders import (CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed,
-                                 make_loader, resolve_workers)
+from retino.data.loaders import CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed, make_loader
+from retino.data._workers import resolve_workers
+from retino.data import augment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_last_training_batch_of_one_is_merged_deterministically(cached):
     # the merged batch trains: BatchNorm in train mode gets n images, not one
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     images, _ = next(iter(loader))
-    model(loaders.cpu_input(images, ((0.5,) * 3, (0.5,) * 3)))
+    model(augment.cpu_input(images, ((0.5,) * 3, (0.5,) * 3)))
     evaluation = make_loader(ds, batch_size=batch, train=False, device_type="cpu")
     assert [len(y) for _, y in evaluation] == [batch, 1]  # evaluation keeps every image, in order
 
@@ -136,8 +137,8 @@ def test_cpu_views_gpu_feeder_and_worker_processes_give_the_same_batches(cached)
             assert images.dtype == torch.uint8 and torch.equal(torch.stack(rows), images) and torch.equal(y1, y2)
     # the same batch as CPU input either way
     norm = ((0.4,) * 3, (0.2,) * 3)
-    a = loaders.cpu_input(views[0][0], norm, mode="lab", gen=torch.Generator().manual_seed(0))
-    b = loaders.cpu_input(torch.stack(views[0][0]), norm, mode="lab", gen=torch.Generator().manual_seed(0))
+    a = augment.cpu_input(views[0][0], norm, mode="lab", gen=torch.Generator().manual_seed(0))
+    b = augment.cpu_input(torch.stack(views[0][0]), norm, mode="lab", gen=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
 
 

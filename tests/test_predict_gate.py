@@ -184,7 +184,7 @@ def test_referable_flips_at_the_operating_point(base_run, photos, tmp_path):
 
 def test_ood_score_comes_from_the_grading_pass(base_run, photos, tmp_path):
     from dataclasses import replace
-    from retino.train import load_split
+    from retino.splits import load_split
     run = copy_run(base_run, tmp_path / "run", {"temperature": 1.0})
     trained = load_trained(run)
     cfg = replace(trained.config, cache=True)  # the cache under the test's RETINO_CACHE, as training reads it
@@ -200,7 +200,7 @@ def test_ood_score_comes_from_the_grading_pass(base_run, photos, tmp_path):
     assert trained.ood["trained_on"] == "synthetic fundus images" and trained.ood["n_val"] == len(val.frame)
     preds = predict(trained, [photos["good"], photos["text"]], quality_gate=False)
     for p in preds:  # the distance predict reports is the one of the photo's own features
-        own = ood.ood_score(quality.features_of(trained, p.seen[None]), trained.ood)[0]
+        own = ood.ood_score(ood.features_of(trained, p.seen[None]), trained.ood)[0]
         assert p.quality["ood_score"] == pytest.approx(own, rel=1e-3)
         assert p.quality["ood_cutoff"] == pytest.approx(trained.ood["cutoff"], rel=1e-4)
     (tta,) = predict(trained, [photos["good"]], tta=True)  # the photo's own view, not the augmented ones

@@ -20,8 +20,9 @@ from retino import quality
 from retino.data.preprocess import load_image
 from retino.data.synthetic import DEGRADATIONS, degrade_photo, make_dataset, render_fundus
 from retino.models import build_model
-from retino.quality import (LIMITS, assess, fit_ood, is_ood, load_ood, ood_score, penultimate_features,
-                            save_ood)
+from retino.quality import LIMITS, assess
+from retino.ood import fit_ood, is_ood, load_ood, ood_score, penultimate_features, save_ood
+from retino import ood
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_fundus_sample" / "train"
 # The reason each degradation must be given (its prefix).
@@ -454,16 +455,16 @@ def test_penultimate_features_are_what_fc_reads(arch, head):
 
 def test_features_of_preprocessed_photos_match_the_model_input():
     from types import SimpleNamespace
-    from retino.data.loaders import normalize, to_float
+    from retino.data.augment import normalize, to_float
     torch.manual_seed(0)
     trained = SimpleNamespace(model=build_model("resnet18").eval(), norm=((0.5, 0.4, 0.3), (0.2, 0.2, 0.2)))
     seen = np.stack([render_fundus(g, size=64, seed=g)[0] for g in range(5)])      # (5, 64, 64, 3)
-    feats = quality.features_of(trained, seen, batch_size=2)
+    feats = ood.features_of(trained, seen, batch_size=2)
     x = normalize(to_float(torch.from_numpy(seen), "cpu"), *trained.norm)
     assert feats.shape == (5, 512)
     np.testing.assert_allclose(feats, penultimate_features(trained.model, x).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="preprocessed photos"):
-        quality.features_of(trained, seen[0])
+        ood.features_of(trained, seen[0])
 
 
 def test_model_features_tell_drawn_pictures_from_fundus_photos():

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
-from retino import jobs, runs
+from retino import fileio, jobs, runs
 from retino.config import TrainConfig
 from retino.data import load_image
 
@@ -87,7 +87,7 @@ def test_signal_to_the_whole_process_group_still_stops_gracefully(tiny_data, tmp
 def test_stale_heartbeat_reads_as_interrupted(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    runs.write_json(run / "status.json", {"state": "running", "pid": os.getpid(),
+    fileio.write_json(run / "status.json", {"state": "running", "pid": os.getpid(),
                                           "updated": time.time() - runs.HEARTBEAT_STALE_S - 5})
     assert runs.read_status(run)["state"] == "interrupted"
     runs.write_status(run, state="running", pid=os.getpid())
@@ -150,7 +150,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_half_copied_and_vanishing_run_folders_are_listed_with_problems(tmp_path):
     root = tmp_path / "checkpoints"
     good = runs.create_run_dir(root, "good")
-    runs.write_json(good / "config.json", {"train": TrainConfig().to_dict()})
+    fileio.write_json(good / "config.json", {"train": TrainConfig().to_dict()})
     runs.write_status(good, state="completed")
     half = runs.create_run_dir(root, "half")
     (half / "config.json").write_text('{"train": {"arch": "resn')  # cut off mid-copy

@@ -20,6 +20,7 @@ from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
 from retino import __main__ as cli
 from retino import admission, dashboard, jobs, models, runs
 from retino.config import TrainConfig
+from retino import fileio
 
 RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
 
@@ -166,7 +167,7 @@ def test_a_folder_with_only_status_json_says_nothing_to_resume_everywhere(tiny_d
     """A run killed while caching by an older Retino (before config.json came first)."""
     run = tmp_path / "run"
     run.mkdir()
-    runs.write_json(run / "status.json", {"state": "running", "pid": 999999999, "updated": time.time(),
+    fileio.write_json(run / "status.json", {"state": "running", "pid": 999999999, "updated": time.time(),
                                           "phase": "caching test images"})
     assert "nothing to resume" in runs.run_summary(run)["resume"]
     ok, why = dashboard.can_resume(runs.load_run(run))
@@ -180,7 +181,7 @@ def test_a_folder_with_only_status_json_says_nothing_to_resume_everywhere(tiny_d
 def test_a_live_status_only_folder_is_not_taken_over(tiny_data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    runs.write_json(run / "status.json", {"state": "running", "pid": os.getpid(), "updated": time.time()})
+    fileio.write_json(run / "status.json", {"state": "running", "pid": os.getpid(), "updated": time.time()})
     args = type("Args", (), {"run_dir": str(run)})()
     with pytest.raises(admission.RunRefused, match="is not empty"):
         admission.fresh_run_dir(args, TrainConfig(data=str(tiny_data)))
@@ -221,7 +222,7 @@ def test_train_log_is_written_while_training_not_only_at_the_end(tiny_data, tmp_
 def test_trainers_started_from_the_dashboard_are_reaped_when_they_exit(tmp_path):
     run = tmp_path / "checkpoints" / "old"
     run.mkdir(parents=True)
-    runs.write_json(run / "status.json", {"state": "stopped", "updated": time.time()})  # nothing to resume
+    fileio.write_json(run / "status.json", {"state": "stopped", "updated": time.time()})  # nothing to resume
     pid = jobs.resume(run)
     assert os.getsid(pid) != os.getsid(0)  # its own session: a closed tab or Streamlit's end does not stop it
     assert wait_for(lambda: _is_zombie_or_gone(pid), timeout=120)  # it exits at once (nothing to resume)

@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
 from retino import runs
+from retino import fileio
 
 TIMING = {"seconds", "train_images_per_s"}
 
@@ -247,8 +248,8 @@ def test_one_bad_run_folder_is_listed_with_its_problem_and_can_be_deleted(tmp_pa
     root = tmp_path / "checkpoints"
     for name in ("good", "bad"):
         (root / name).mkdir(parents=True)
-        runs.write_json(root / name / "config.json", {"train": {"name": name}, "created": 1.0})
-        runs.write_json(root / name / "status.json", {"state": "completed", "updated": 1.0})
+        fileio.write_json(root / name / "config.json", {"train": {"name": name}, "created": 1.0})
+        fileio.write_json(root / name / "status.json", {"state": "completed", "updated": 1.0})
     (root / "bad" / file).write_text(text)
     listed = {r.id: r for r in runs.list_runs(root)}
     assert set(listed) == {"good", "bad"}

@@ -25,8 +25,10 @@ from retino.data.preprocess import load_image
 from retino.data.synthetic import degrade_photo, render_fundus
 from retino.models import build_model, normalization
 from retino.predict import predict
-from retino.screen import ScreenError, patient_table, read_report, screen
-from retino.screen import default_report as screen_default_report
+from retino.screen import screen
+from retino.screen_report import ScreenError, patient_table, read_report
+from retino.screen_paths import default_report as screen_default_report
+from retino import fileio
 
 SIZE = 64    # the runs' image size
 PHOTO = 256  # the photos' size
@@ -73,7 +75,7 @@ def with_evaluation(run: Path, tmp_path: Path, **chosen) -> Path:
     """A copy of ``run`` with an evaluation.json as training writes one (temperature, operating point)."""
     copy = tmp_path / "runs" / run.name
     shutil.copytree(run, copy)
-    runs.write_json(copy / "evaluation.json", {"selected_on": "val", "temperature": 1.0, "epoch": 1,
+    fileio.write_json(copy / "evaluation.json", {"selected_on": "val", "temperature": 1.0, "epoch": 1,
                                                "head": "classify", "thresholds": [0.5, 1.5, 2.5, 3.5], **chosen})
     return copy
 
@@ -236,7 +238,7 @@ def test_regress_head_cuts_its_score(tmp_path, photos):
     assert table["score"].notna().all() and table["p0"].isna().all()
     assert (table["referable"] == (table["score"] >= 1.5)).all()
     cut = float(table["score"].median())
-    runs.write_json(run / "evaluation.json", {"selected_on": "val", "temperature": 1.0, "head": "regress",
+    fileio.write_json(run / "evaluation.json", {"selected_on": "val", "temperature": 1.0, "head": "regress",
                                               "operating_point": {"threshold": cut, "target_sensitivity": 0.9}})
     again = screen(run, folder, tmp_path / "op.csv", workers=0, quality_gate=False).photos
     assert (again["referable"] == (again["score"] >= cut)).all() and 0 < again["referable"].sum() < len(again)

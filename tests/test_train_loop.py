@@ -14,17 +14,19 @@ from torch.utils.data import TensorDataset
 from retino import train
 from retino.config import TrainConfig
 from retino.models import build_model
+from retino import loop
+from retino import splits
 
 PACKAGE = str(Path(train.__file__).parent)
 
 
-def _split(n: int, size: int = 32, seed: int = 0) -> train.Split:
+def _split(n: int, size: int = 32, seed: int = 0) -> splits.Split:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 5, (n,), generator=g)
     frame = pd.DataFrame({"image": [f"{i}" for i in range(n)], "path": "", "grade": labels.numpy(),
                           "patient": [f"{i // 2}" for i in range(n)], "eye": None})
-    return train.Split(TensorDataset(images, labels), frame, [])
+    return splits.Split(TensorDataset(images, labels), frame, [])
 
 
 class _SyncCounter:
@@ -61,17 +63,17 @@ def test_training_step_makes_no_host_sync_between_log_points(head):
     cfg = TrainConfig(image_size=32, batch_size=2, log_every=log_every, head=head,
                       loss="mse" if head == "regress" else "ce", augment="lab")
     split = _split(steps * cfg.batch_size)
-    ctx = train.Context(torch.device("cpu"))
+    ctx = loop.Context(torch.device("cpu"))
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=cfg.batch_size)
     torch.manual_seed(0)
     model = build_model("resnet18", head=head)
     optimizer = train.build_optimizer(model, cfg)
     logged = []
     with _SyncCounter() as counter:
-        state = train.train_one_epoch(
+        state = loop.train_one_epoch(
             model, loader, optimizer=optimizer, scheduler=train.build_scheduler(optimizer, cfg, steps),
             criterion=train.make_criterion(cfg, split.labels), cfg=cfg, ctx=ctx, norm=((0.5,) * 3, (0.25,) * 3),
-            gen=torch.Generator().manual_seed(0), state=train.EpochState(), thresholds=(0.5, 1.5, 2.5, 3.5),
+            gen=torch.Generator().manual_seed(0), state=loop.EpochState(), thresholds=(0.5, 1.5, 2.5, 3.5),
             on_log=lambda s: logged.append((s.step, float(s.loss_sum) / s.seen)))
     assert state.step == steps and [s for s, _ in logged] == [20, 40]
     # before this change: two per step (loss.item() and the outputs' .cpu()), 80 here
@@ -80,12 +82,12 @@ def test_training_step_makes_no_host_sync_between_log_points(head):
 
 
 def test_log_every_zero_adapts_to_the_step_time():
-    cadence = train.Cadence(0, target_s=0.5)
+    cadence = loop.Cadence(0, target_s=0.5)
     cadence.schedule(10, seconds_per_step=0.01)  # a fast GPU: every 50 steps
     assert cadence.next == 60
     cadence.schedule(60, seconds_per_step=2.0)  # this CPU: every step
     assert cadence.next == 61
-    fixed = train.Cadence(7)
+    fixed = loop.Cadence(7)
     fixed.schedule(7, seconds_per_step=0.0001)
     assert fixed.next == 14
 
@@ -97,10 +99,10 @@ def _shard_worker(rank, world, init_file, out_dir):
         torch.manual_seed(0)
         model = build_model("resnet18").eval()
         cfg = TrainConfig(image_size=32, batch_size=4)
-        ctx = train.Context(torch.device("cpu"), rank=rank, world=world)
+        ctx = loop.Context(torch.device("cpu"), rank=rank, world=world)
         split = _split(23)  # not a multiple of the world size: shards of 12 and 11
-        loader = train.make_loader(split, cfg, ctx, train=False)
-        out = train.validate(model, loader, cfg=cfg, ctx=ctx, norm=((0.5,) * 3, (0.25,) * 3))
+        loader = splits.make_loader(split, cfg, ctx, train=False)
+        out = loop.validate(model, loader, cfg=cfg, ctx=ctx, norm=((0.5,) * 3, (0.25,) * 3))
         if rank == 0:
             np.save(os.path.join(out_dir, "sharded.npy"), out)
         else:
@@ -115,15 +117,15 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_process(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18").eval()
     cfg = TrainConfig(image_size=32, batch_size=4)
-    ctx = train.Context(torch.device("cpu"))
+    ctx = loop.Context(torch.device("cpu"))
     split = _split(23)
-    single = train.validate(model, train.make_loader(split, cfg, ctx, train=False), cfg=cfg, ctx=ctx,
+    single = loop.validate(model, splits.make_loader(split, cfg, ctx, train=False), cfg=cfg, ctx=ctx,
                             norm=((0.5,) * 3, (0.25,) * 3))
     assert sharded.shape == single.shape == (23, 5)
     np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
     crit = train.make_criterion(cfg, split.labels)
-    a = train.split_metrics(sharded, split.labels, head="classify", thresholds=None, criterion=crit, prefix="")
-    b = train.split_metrics(single, split.labels, head="classify", thresholds=None, criterion=crit, prefix="")
+    a = loop.split_metrics(sharded, split.labels, head="classify", thresholds=None, criterion=crit, prefix="")
+    b = loop.split_metrics(single, split.labels, head="classify", thresholds=None, criterion=crit, prefix="")
     assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 

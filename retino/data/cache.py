@@ -137,7 +137,7 @@ def build_cache(paths: list[str], size: int, *, ben_graham: bool = False, worker
 
     Args:
         workers: decoding processes for this rank (0: decode in this process); see
-            ``retino.data.loaders.resolve_workers(purpose="cache")``.
+            ``retino.data._workers.resolve_workers(purpose="cache")``.
         rank, world: this process's place among the ``world`` processes that share ``root`` and
             build together (under torchrun :func:`local_group`; every rank of every machine when
             all share one folder). Each decodes a contiguous share of the rows into the one file;

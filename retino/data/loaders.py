@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
-from ._workers import resolve_workers, usable_cores  # noqa: F401  (part of this module's API)
+from ._workers import resolve_workers
 from .feeder import CacheFeeder, pinned_empty
 from .preprocess import ImageError, load_and_preprocess
 
@@ -310,7 +310,3 @@ def make_loader(dataset, *, batch_size: int, train: bool, labels=None, balanced:
     collate = batch_collate if cached else decoded_collate if isinstance(dataset, DecodedImages) else None
     return DataLoader(dataset, batch_sampler=sampler, num_workers=n_workers, collate_fn=collate,
                       pin_memory=pin, persistent_workers=n_workers > 0, prefetch_factor=4 if n_workers > 0 else None)
-
-
-# the batch's way to the model (augmentation where the model runs) lives in augment.py
-from .augment import (augment, cpu_input, normalize, rows_collate, to_float, to_input)  # noqa: E402,F401
