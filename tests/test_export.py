@@ -76,7 +76,7 @@ def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, h
     assert post["thresholds"] == pytest.approx(trained.thresholds)
     assert post["temperature"] == pytest.approx(trained.temperature or 1.0)   # evaluation.json's, as predict
     assert post["operating_point"] == trained.operating_point and len(post["grade_names"]) == 5
-    assert any("Ben Graham" in s for s in pre["steps"]) == (head == "classify")
+    assert any("Ben Graham" in s for s in pre["steps"]) == (head == "regress")
 
 
 def test_onnx_input_is_fixed_size_with_a_free_batch(trained_runs, tmp_path):
