@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
+from conftest import REPO, TINY_TRAIN, copy_run, raw_status, run_cli, wait_for
 from retino import runs
 
 TIMING = {"seconds", "train_images_per_s"}
@@ -201,10 +201,8 @@ def test_resume_with_more_epochs_records_them_in_config_json(tmp_path, straight)
     assert config["train"]["epochs"] == 3 and config["resumed"][-1]["changed"] == {"epochs": 3}
 
 
-@pytest.mark.slow
-def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN).returncode == 0
+def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(trained_classify, tmp_path):
+    run = copy_run(trained_classify, tmp_path / "run")
     assert not (run / "last.pt").exists()  # deleted on completion without --keep-last
     r = run_cli("train", "--resume", run)
     assert r.returncode == 0 and "nothing to resume" in r.stderr
