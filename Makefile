@@ -1,10 +1,12 @@
 # The two ways in: `make run` (the dashboard on the embedded synthetic set) and `make test`.
+# Targets: run, test (everything; what CI runs), test-fast (all but the `slow` tests: no training, no
+# server, no browser), venv, data, clean-venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SYNTH := data/synthetic
 
-.PHONY: run test venv data clean-venv
+.PHONY: run test test-fast venv data clean-venv
 
 # The venv is rebuilt when requirements.txt is newer than the stamp (stale) or missing.
 $(VENV)/.stamp: requirements.txt
@@ -30,6 +32,10 @@ run: data
 test: data
 	@echo "Running the whole test suite: it trains small models on the CPU, so expect tens of minutes."
 	$(PY) -m pytest -q tests
+
+# The inner loop: tests that train nothing and start no server (well under two minutes on 2 cores).
+test-fast: data
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,5 +1,11 @@
-"""Shared fixtures: every test gets its own runs folder and settings; images come from the generator."""
+"""Shared fixtures: every test gets its own runs folder and settings; images come from the generator.
+
+Two tiny trained runs (``trained_classify``, ``trained_regress``) are trained once per session and
+shared: a test that only reads a finished run takes one; a test that writes into a run works on
+``copy_run(...)``. Every test that uses them is marked ``slow`` here (its session trains).
+"""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +38,69 @@ def run_cli(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
 
 
 TINY_TRAIN = ["--epochs", "2", "--image-size", "64", "--batch-size", "16", "--workers", "0", "--quiet"]
+
+
+# What the shared runs are trained with. Classify sees plain photos (tests look at the brightness of what
+# the model saw); regress keeps the default Ben Graham normalisation, so both preprocessings are covered.
+CLASSIFY_FLAGS = [*TINY_TRAIN, "--ben-graham", "false"]
+REGRESS_FLAGS = [*TINY_TRAIN, "--head", "regress", "--loss", "mse"]
+# The fixtures that train: a test requesting one (directly or through another fixture) is slow.
+TRAINING_FIXTURES = {"trained_classify", "trained_regress"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def _train_shared(tiny_data: Path, tmp_path_factory, name: str, flags: list) -> Path:
+    """One tiny run under the session's shared-runs folder, trained by the CLI as a user would.
+
+    The folder sits outside every test's RETINO_RUNS (session fixtures are set up before the autouse
+    ``isolated_dirs``), so the environment is given explicitly: nothing reaches ~/.cache or checkpoints/.
+    """
+    base = tmp_path_factory.getbasetemp()
+    run_dir = base / "shared-runs" / name
+    env = {"RETINO_RUNS": str(run_dir.parent), "RETINO_CACHE": str(base / "image-cache"),
+           "RETINO_SETTINGS": str(base / "shared-settings.json")}
+    result = run_cli("train", "--data", tiny_data, *flags, "--run-dir", run_dir, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_classify(tiny_data, tmp_path_factory) -> Path:
+    """A completed 2-epoch classify run on ``tiny_data`` (64 px). Read it; never write into it."""
+    return _train_shared(tiny_data, tmp_path_factory, "20260101-000000-classify", CLASSIFY_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def trained_regress(tiny_data, tmp_path_factory) -> Path:
+    """A completed 2-epoch regress run (MSE, Ben Graham) on ``tiny_data``. Read it; never write into it."""
+    return _train_shared(tiny_data, tmp_path_factory, "20260101-000001-regress", REGRESS_FLAGS)
+
+
+def _link_checkpoints(src, dst):
+    # metrics.jsonl is appended in place (O_APPEND), so only checkpoints, which are replaced by rename, are shared
+    if str(src).endswith(".pt"):
+        try:
+            return os.link(src, dst)
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A copy of a run folder at ``dst`` that a test may change without touching the shared original.
+
+    Checkpoints are hard-linked, not copied (fifty copies of one would fill a CI disk): Retino replaces
+    them by rename and never writes into one. A run stores its data set by absolute path and nothing about
+    its own folder, so the copy needs no re-pointing.
+    """
+    shutil.copytree(run, dst, copy_function=_link_checkpoints)
+    (dst / ".train.lock").unlink(missing_ok=True)
+    return dst
 
 
 def wait_for(predicate, timeout=180, every=0.05) -> bool:

@@ -26,14 +26,9 @@ PAGES = ["pages/data.py", "pages/train.py", "pages/compare.py", "pages/predict.p
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_data, tmp_path_factory) -> Path:
-    """One finished 2-epoch run on the tiny set; tests copy it into their own runs folder."""
-    base = tmp_path_factory.mktemp("trained")
-    run_dir = base / "runs" / "20260101-000000-tiny"
-    env = {"RETINO_RUNS": str(base / "runs"), "RETINO_CACHE": str(tmp_path_factory.getbasetemp() / "image-cache")}
-    result = run_cli("train", "--data", tiny_data, *TINY_TRAIN, "--run-dir", run_dir, env=env)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+def trained_run(trained_classify) -> Path:
+    """The session's finished 2-epoch run on the tiny set; tests copy it into their own runs folder."""
+    return trained_classify
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ def _set_number(page, label: str, value) -> None:
     box.press("Tab")  # commit without Enter (Enter would submit the form)
 
 
+@pytest.mark.slow
 def test_dashboard_end_to_end(tmp_path, tiny_data):
     pw = _playwright_or_skip()
     work = tmp_path / "app"

@@ -51,7 +51,9 @@ def test_ctrl_c_and_sigterm_stop_a_verb_that_is_not_train(tmp_path, sig, code):
     """Only `train` catches the stop signals (to save and stop after the step); `synth` just ends."""
     out = tmp_path / "synth"
     proc = subprocess.Popen([sys.executable, "-m", "retino", "synth", str(out), "--n", "40", "--size", "1024",
-                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite launched in the background ignores SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert wait_for(lambda: (out / "images").is_dir() and any((out / "images").iterdir()), timeout=120)
         proc.send_signal(sig)
@@ -66,6 +68,7 @@ def test_ctrl_c_and_sigterm_stop_a_verb_that_is_not_train(tmp_path, sig, code):
 
 
 def test_only_named_errors_become_exit_2(monkeypatch, capsys):
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when launched in the background
     def bad_input(args):
         raise RunError("x/status.json: missing")
 
@@ -77,4 +80,4 @@ def test_only_named_errors_become_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_check_run", bug)
     with pytest.raises(ValueError, match="internal mistake"):  # a traceback, not "bad input"
         cli.main(["check-run", "x"])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() left Ctrl-C alone
+    assert signal.getsignal(signal.SIGINT) is before  # main() left Ctrl-C alone

@@ -3,43 +3,35 @@
 Issue 10 "Where the user sees it": test figures with intervals, the best run per column marked, B vs
 A with its sentence, ROC curves with each run's operating point, reliability diagrams, the most-wrong
 photos with Grad-CAM; a warning (never a traceback) for runs evaluated on other images, and an older
-run evaluated once on request. The two runs train once per module (in parallel, ~1 min here).
+run evaluated once on request. Seed 0 is the session's shared classify run; seed 1 trains once per module.
 """
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, TINY_TRAIN
+from conftest import CLASSIFY_FLAGS, REPO, TINY_TRAIN, run_cli
 from retino import paths
-from retino import compare, evaluate, report, runs, settings
+from retino import evaluate, report, runs, settings
 from retino.stats import format_interval
 from retino import fileio
 from retino import results
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_data, tmp_path_factory) -> list[Path]:
-    """Two one-epoch runs at 64 px on the tiny set, seeds 0 and 1 (trained side by side)."""
+def two_runs(trained_classify, tiny_data, tmp_path_factory) -> list[Path]:
+    """The session's classify run (seed 0) and the same run trained with seed 1."""
     base = tmp_path_factory.mktemp("compare-page")
-    folders = [base / "runs" / f"2026010{seed + 1}-000000-seed{seed}" for seed in (0, 1)]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "retino", "train", "--data", str(tiny_data), *TINY_TRAIN, "--epochs", "1",
-         "--seed", str(seed), "--run-dir", str(folder)], cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        # each its own image cache: two processes never build one cache at once
-        env={**os.environ, "RETINO_RUNS": str(base / "runs"), "RETINO_CACHE": str(base / f"cache{seed}")})
-        for seed, folder in zip((0, 1), folders)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
-    return folders
+    seed1 = base / "runs" / "20260102-000000-seed1"
+    # the shared image cache is already built by the seed-0 run, so this run only reads it
+    env = {"RETINO_RUNS": str(seed1.parent), "RETINO_CACHE": str(tmp_path_factory.getbasetemp() / "image-cache")}
+    r = run_cli("train", "--data", tiny_data, *CLASSIFY_FLAGS, "--seed", 1, "--run-dir", seed1, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return [trained_classify, seed1]
 
 
 def _link_or_copy(src, dst):

@@ -1,6 +1,6 @@
 """retino.predict, .explain and .pointing: every kind of photo, the CAM methods, rejected files, the CLI verbs, the page.
 
-One tiny classify run and one tiny regress run per session (60 synthetic images at 64 px, 1 epoch):
+The session's tiny classify and regress runs (60 synthetic images at 64 px, 2 epochs), copied:
 the numbers are meaningless, the shapes, ranges, messages and exit codes are not.
 """
 import io
@@ -18,7 +18,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, run_cli
+from conftest import REPO, copy_run, run_cli
 from retino import explain, inference, pointing, settings
 from retino.data import ImageError, read_dataset
 from retino.data.preprocess import preprocess
@@ -40,25 +40,23 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _train(synth_dir, tmp_path_factory, name, *extra) -> Path:
-    root = tmp_path_factory.getbasetemp() / "explain-runs"
-    run_dir = root / name
-    env = {"RETINO_RUNS": str(root), "RETINO_CACHE": str(tmp_path_factory.getbasetemp() / "image-cache")}
-    result = run_cli("train", "--data", synth_dir, "--epochs", 1, "--image-size", SIZE, "--batch-size", 16,
-                     "--workers", 0, "--run-dir", run_dir, "--quiet", *extra, env=env)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+@pytest.fixture(scope="session")
+def run_dir(trained_classify, tmp_path_factory) -> Path:
+    # plain photos (the shared classify run has no Ben Graham): tests below look at the brightness of what
+    # the model saw; copied, because evaluate and export write into the folder they are given
+    return copy_run(trained_classify, tmp_path_factory.getbasetemp() / "explain-runs" / trained_classify.name)
 
 
 @pytest.fixture(scope="session")
-def run_dir(synth_dir, tmp_path_factory) -> Path:
-    # plain photos: tests below look at the brightness of what the model saw (the regress run has Ben Graham)
-    return _train(synth_dir, tmp_path_factory, "20260101-000000-classify", "--ben-graham", "false")
+def regress_run(trained_regress, tmp_path_factory) -> Path:
+    return copy_run(trained_regress, tmp_path_factory.getbasetemp() / "explain-runs" / trained_regress.name)
 
 
 @pytest.fixture(scope="session")
-def regress_run(synth_dir, tmp_path_factory) -> Path:
-    return _train(synth_dir, tmp_path_factory, "20260101-000001-regress", "--head", "regress", "--loss", "mse")
+def best_epoch(run_dir) -> int:
+    """The epoch best.pt holds (the shared run trains two; either may be the best)."""
+    from retino import runs
+    return runs.load_checkpoint(run_dir / "best.pt")["epoch"]
 
 
 @pytest.fixture(scope="session")
@@ -274,7 +272,7 @@ def test_mask_goes_through_the_image_crop():
 
 # ----------------------------------------------------------------------------- the CLI
 
-def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
+def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path, best_epoch):
     # a data-set photo and a wider one (96 x 72): each map is written over its own photo's size
     images = [sorted((synth_dir / "images").glob("*.jpeg"))[0], _save(Image.fromarray(fundus), tmp_path / "wide.png")]
     cams = tmp_path / "cams"
@@ -287,7 +285,7 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
                           "referable", "referable_score", "referable_threshold", "referable_rule", "referable_why",
                           "quality", "warnings"}
         assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
-        assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", 1)
+        assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", best_epoch)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()
         assert Image.open(o["cam"]).size == Image.open(o["image"]).size  # over the photo, at its own size
 
@@ -306,7 +304,7 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path):
     assert len(lines) == 3 and "grade" in lines[0] and "rejected" in lines[1]
     assert GRADE_INFO[int(lines[0].split("grade ")[1].split()[0])]["name"] in lines[0]
     assert lines[2].count("missing.jpeg") == 1 and "cannot be read" in lines[2]  # named once, not twice
-    assert f"{run_dir}: best.pt (epoch 1)" in text.stderr and "referable when P(grade >= 2) >= " in text.stderr
+    assert f"{run_dir}: best.pt (epoch {best_epoch})" in text.stderr and "referable when P(grade >= 2) >= " in text.stderr
     unknown = run_cli("predict", run_dir, images[0], "--cam-dir", cams, "--cam-method", "nonsense")
     assert unknown.returncode == 2 and "Choose one of" in unknown.stderr
     a_file = tmp_path / "a-file"
@@ -340,13 +338,13 @@ def test_map_goes_back_over_the_photo():
     assert photo[40, 100, 0] > photo[40, 100, 2]  # JET red on the spot
 
 
-def test_cli_evaluate_text_is_rounded_with_per_grade_recall(run_dir):
+def test_cli_evaluate_text_is_rounded_with_per_grade_recall(run_dir, best_epoch):
     import re
     r = run_cli("evaluate", run_dir)
     assert r.returncode == 0, r.stderr
     assert not re.search(r"\d\.\d{5,}", r.stdout)  # rounded: no 0.7333333333333333
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"{run_dir}: epoch 1, test split (") and lines[0].endswith("choices made on val")
+    assert lines[0].startswith(f"{run_dir}: epoch {best_epoch}, test split (") and lines[0].endswith("choices made on val")
     qwk = next(line for line in lines if line.split()[:1] == ["qwk"])
     assert re.fullmatch(r"\s*qwk\s+-?\d\.\d{3}( \[.*\])?", qwk)  # the value with its interval
     start = lines.index("per grade:            recall  precision      n")

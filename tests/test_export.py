@@ -1,7 +1,7 @@
 """retino.export: ONNX and TorchScript files that compute what Retino's own model computes.
 
-Two tiny runs per session (1 epoch, 64 px ResNet-18 on the 60-image synthetic set): a classify
-head with Ben Graham's normalisation and a regress head without. The weights are meaningless,
+The session's two tiny runs (2 epochs, 64 px ResNet-18 on the 60-image synthetic set): a classify
+head on plain photos and a regress head with Ben Graham's normalisation. The weights are meaningless,
 the parity is not: the exported files must give Retino's outputs to 1e-4 on the same batch.
 """
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import copy_run, run_cli
 from retino import runs
 from retino.data.augment import normalize, to_float
 from retino.data.preprocess import load_and_preprocess
@@ -24,20 +24,12 @@ from retino.predict import predict
 SIZE = 64
 
 
-def _train(tiny_data, root: Path, name: str, *extra) -> Path:
-    run_dir = root / name
-    r = run_cli("train", "--data", tiny_data, "--epochs", 1, "--image-size", SIZE, "--batch-size", 16,
-                "--workers", 0, "--run-dir", run_dir, "--quiet", *extra, env={"RETINO_RUNS": str(root)})
-    assert r.returncode == 0, r.stderr
-    return run_dir
-
-
 @pytest.fixture(scope="session")
-def trained_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+def trained_runs(trained_classify, trained_regress, tmp_path_factory) -> dict[str, Path]:
+    # copies: exporting to the default destination writes into the run folder
     root = tmp_path_factory.mktemp("export-runs")
-    return {"classify": _train(tiny_data, root, "classify", "--ben-graham", "true"),
-            "regress": _train(tiny_data, root, "regress", "--head", "regress", "--loss", "mse",
-                              "--ben-graham", "false")}
+    return {"classify": copy_run(trained_classify, root / "classify"),
+            "regress": copy_run(trained_regress, root / "regress")}
 
 
 def _batch(tiny_data: Path, trained, n: int) -> torch.Tensor:
@@ -79,13 +71,13 @@ def test_exported_model_equals_retinos(trained_runs, tiny_data, tmp_path, fmt, h
     pre, post = info["preprocessing"], info["postprocessing"]
     assert info["format"] == fmt and info["model_file"] == model_path.name and info["head"] == head
     assert info["input"]["shape"] == ["batch", 3, SIZE, SIZE]
-    assert pre["image_size"] == SIZE and pre["ben_graham"] == (head == "classify")
+    assert pre["image_size"] == SIZE and pre["ben_graham"] == (head == "regress")
     assert pre["boundary_mask_fraction"] == 0.9
     assert pre["mean"] == pytest.approx(list(trained.norm[0])) and pre["std"] == pytest.approx(list(trained.norm[1]))
     assert post["thresholds"] == pytest.approx(trained.thresholds)
     assert post["temperature"] == pytest.approx(trained.temperature or 1.0)   # evaluation.json's, as predict
     assert post["operating_point"] == trained.operating_point and len(post["grade_names"]) == 5
-    assert any("Ben Graham" in s for s in pre["steps"]) == (head == "classify")
+    assert any("Ben Graham" in s for s in pre["steps"]) == (head == "regress")
 
 
 def test_onnx_input_is_fixed_size_with_a_free_batch(trained_runs, tmp_path):

@@ -1,6 +1,6 @@
 """predict's quality gate, calibrated probabilities and referral, the masked heat map, and the Predict page.
 
-One tiny classify run (1 epoch, 64 px, the 60-image synthetic set) for the module; each test copies
+The session's tiny classify run (2 epochs, 64 px, the 60-image synthetic set); each test copies
 its folder (checkpoint hard-linked) and writes the evaluation.json or ood.npz it needs, so the
 temperature and the operating point are known numbers. The weights are meaningless; the verdicts,
 messages, exit codes and the arithmetic are not.
@@ -31,14 +31,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def base_run(tiny_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gate-runs")
-    run_dir = root / "20260101-000000-gate"
-    r = run_cli("train", "--data", tiny_data, "--epochs", 1, "--image-size", SIZE, "--batch-size", 16,
-                "--workers", 0, "--cache", "false", "--ben-graham", "true", "--run-dir", run_dir, "--quiet",
-                env={"RETINO_RUNS": str(root)})
-    assert r.returncode == 0, r.stderr
-    return run_dir
+def base_run(trained_classify) -> Path:
+    return trained_classify  # every test works on its own copy_run of it
 
 
 def copy_run(base: Path, dst: Path, evaluation: dict | None = None) -> Path:

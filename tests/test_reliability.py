@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
+from conftest import REPO, TINY_TRAIN, copy_run, raw_status, run_cli, wait_for
 from retino import fileio, jobs, runs
 from retino.config import TrainConfig
 from retino.data import load_image
@@ -36,6 +36,7 @@ def _comparable(rows):
 
 # ----------------------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tiny_data, tmp_path):
     """SIGKILL mid-run, several trials: the folder stays whole, shows interrupted, and resumes."""
     straight = tmp_path / "straight"
@@ -63,6 +64,7 @@ def test_sigkill_at_random_points_then_resume(tiny_data, tmp_path):
         assert _comparable(runs.read_metrics(run)) == _comparable(runs.read_metrics(straight))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_signal_to_the_whole_process_group_still_stops_gracefully(tiny_data, tmp_path, sig):
     """Ctrl-C in a terminal, systemd or ``pkill -f`` signal the data-loader workers as well."""
@@ -94,6 +96,7 @@ def test_stale_heartbeat_reads_as_interrupted(tmp_path):
     assert runs.read_status(run)["state"] == "running"
 
 
+@pytest.mark.slow
 def test_unreadable_image_with_cache_false_is_left_out_and_named(tiny_data, tmp_path):
     """Issue 15: --cache false with one unreadable image used to kill the run at step 0."""
     import shutil
@@ -109,6 +112,7 @@ def test_unreadable_image_with_cache_false_is_left_out_and_named(tiny_data, tmp_
     assert [Path(s["file"]).name for s in skipped] == [victim.name]
 
 
+@pytest.mark.slow
 def test_out_of_memory_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
     import retino.train as train
 
@@ -164,6 +168,7 @@ def test_half_copied_and_vanishing_run_folders_are_listed_with_problems(tmp_path
     assert [r.id for r in runs.list_runs(root)] == [half.name]
 
 
+@pytest.mark.slow
 def test_launches_get_their_own_folders_and_queue_on_one_device(tiny_data, tmp_path):
     root = tmp_path / "checkpoints"
     cfg = TrainConfig(data=str(tiny_data), epochs=2, image_size=64, batch_size=16, workers=0, device="cpu")
@@ -197,9 +202,8 @@ def test_launches_get_their_own_folders_and_queue_on_one_device(tiny_data, tmp_p
     assert saw_queued and not both_running
 
 
-def test_check_run_cli(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN).returncode == 0
+def test_check_run_cli(trained_classify, tmp_path):
+    run = copy_run(trained_classify, tmp_path / "run")  # torn below
     ok = run_cli("check-run", run, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["whole"] is True
     with open(run / "metrics.jsonl", "a") as f:

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
+from conftest import REPO, TINY_TRAIN, copy_run, raw_status, run_cli, wait_for
 from retino import runs
 from retino import fileio
 
@@ -53,6 +53,7 @@ def _copy(run, dest):
 
 @pytest.mark.parametrize("point, epoch", [("before-metrics", 1), ("before-last", 1), ("before-best", 1),
                                           ("before-last", 2)])
+@pytest.mark.slow
 def test_sigkill_between_two_writes_leaves_a_whole_folder_and_resume_keeps_epochs_consecutive(
         tiny_data, tmp_path, straight, point, epoch):
     run = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_sigkill_between_two_writes_leaves_a_whole_folder_and_resume_keeps_epoch
     assert runs.check_run(run) == [] and runs.read_status(run)["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_last_pt_deleted_by_hand_then_resume_starts_over_without_duplicate_epochs(tmp_path, straight):
     run = _copy(straight, tmp_path / "run")
     (run / "last.pt").unlink()
@@ -80,6 +82,7 @@ def test_last_pt_deleted_by_hand_then_resume_starts_over_without_duplicate_epoch
     assert _comparable(runs.read_metrics(run)) == _comparable(runs.read_metrics(straight))
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_restored_from_last_pt_on_resume(tiny_data, tmp_path, straight):
     run = tmp_path / "run"
     r = run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN, env={"RETINO_KILL_AT": "before-best:1"})
@@ -92,6 +95,7 @@ def test_torn_last_metrics_line_is_restored_from_last_pt_on_resume(tiny_data, tm
     assert _comparable(runs.read_metrics(run)) == _comparable(runs.read_metrics(straight))
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_best_pt_then_resume_once_space_is_back(tiny_data, tmp_path, straight, monkeypatch):
     from retino import train
     from retino.config import TrainConfig
@@ -117,6 +121,7 @@ def test_full_disk_while_saving_best_pt_then_resume_once_space_is_back(tiny_data
 
 # ----------------------------------------------------------------------------- folders that are not ours
 
+@pytest.mark.slow
 def test_run_dir_at_an_existing_run_without_resume_is_refused(tiny_data, tmp_path, straight):
     run = _copy(straight, tmp_path / "run")
     before = _digest(run)
@@ -144,6 +149,7 @@ def test_run_dir_at_a_file_or_under_proc_is_one_line(tiny_data, tmp_path, where)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_second_trainer_on_the_same_run_dir_refuses(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["--data", str(tiny_data), "--epochs", "30", "--image-size", "64", "--batch-size", "4", "--workers", "0",
@@ -166,6 +172,7 @@ def test_second_trainer_on_the_same_run_dir_refuses(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("flags", [["--arch", "resnet50"], ["--head", "regress", "--loss", "mse"],
                                    ["--image-size", "96"]])
+@pytest.mark.slow
 def test_contradicting_resume_is_refused_before_touching_the_run(tmp_path, straight, flags):
     run = _copy(straight, tmp_path / "run")
     before = _digest(run)
@@ -174,6 +181,7 @@ def test_contradicting_resume_is_refused_before_touching_the_run(tmp_path, strai
     assert _digest(run) == before and runs.read_status(run)["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_resume_with_an_edited_config_json_is_refused(tmp_path, straight):
     run = _copy(straight, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
@@ -184,6 +192,7 @@ def test_resume_with_an_edited_config_json_is_refused(tmp_path, straight):
     assert runs.read_status(run)["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_records_them_in_config_json(tmp_path, straight):
     run = _copy(straight, tmp_path / "run")
     r = run_cli("train", "--resume", run, "--epochs", "3", "--quiet")
@@ -193,9 +202,8 @@ def test_resume_with_more_epochs_records_them_in_config_json(tmp_path, straight)
     assert config["train"]["epochs"] == 3 and config["resumed"][-1]["changed"] == {"epochs": 3}
 
 
-def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN).returncode == 0
+def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(trained_classify, tmp_path):
+    run = copy_run(trained_classify, tmp_path / "run")
     assert not (run / "last.pt").exists()  # deleted on completion without --keep-last
     r = run_cli("train", "--resume", run)
     assert r.returncode == 0 and "nothing to resume" in r.stderr
@@ -205,6 +213,7 @@ def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(tiny_data, tm
 
 # ----------------------------------------------------------------------------- bad inputs to a run
 
+@pytest.mark.slow
 def test_diverging_regression_run_fails_with_a_nan_message_and_valid_json(tiny_data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--data", tiny_data, "--run-dir", run, "--lr", "10", "--optimizer", "sgd", "--momentum",

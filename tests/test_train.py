@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
+from conftest import REPO, TINY_TRAIN, copy_run, raw_status, run_cli, wait_for
 from retino import runs
 from retino.config import ARCHS, ConfigError, TrainConfig
 from retino.models import list_models
@@ -38,6 +38,7 @@ def test_config_refuses_out_of_range(change, field):
         dataclasses.replace(TrainConfig(), **change).validate()
 
 
+@pytest.mark.slow
 def test_run_writes_every_file(tiny_data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--data", tiny_data, "--run-dir", run, "--keep-last", "true", *TINY_TRAIN)
@@ -67,6 +68,7 @@ def test_run_writes_every_file(tiny_data, tmp_path):
     assert runs.check_run(run) == []
 
 
+@pytest.mark.slow
 def test_regression_head_writes_thresholds(tiny_data, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--data", tiny_data, "--run-dir", run, "--head", "regress", "--loss", "smoothl1",
@@ -80,6 +82,7 @@ def test_regression_head_writes_thresholds(tiny_data, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_then_resume_equals_unbroken_run(tiny_data, tmp_path):
     args = ["--data", tiny_data, "--epochs", "3", "--image-size", "64", "--batch-size", "8", "--workers", "0",
             "--quiet"]
@@ -100,6 +103,7 @@ def test_stop_mid_epoch_then_resume_equals_unbroken_run(tiny_data, tmp_path):
     assert _comparable(runs.read_metrics(broken)) == _comparable(runs.read_metrics(straight))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_data, tmp_path):
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -133,10 +137,9 @@ def test_train_cli_bad_data_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_evaluate_json(tiny_data, tmp_path):
+def test_evaluate_json(trained_classify, tmp_path):
     """The issue's exact keys; the test report is the chosen (val) epoch's, from predictions.csv."""
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", tiny_data, "--run-dir", run, *TINY_TRAIN).returncode == 0
+    run = copy_run(trained_classify, tmp_path / "run")  # evaluate writes its report into the run
     r = run_cli("evaluate", run, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

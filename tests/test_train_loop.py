@@ -130,6 +130,7 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_process(tmp_path):
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_through_torchruns_rendezvous(tiny_data, tmp_path):
     """Two torchrun launches with --nnodes 2 on 127.0.0.1 (gloo), each node with its own image cache."""
     import socket
