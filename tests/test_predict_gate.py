@@ -78,7 +78,8 @@ def test_not_fundus_is_not_graded_unless_asked(base_run, photos, tmp_path):
         assert not p.ok and p.grade is None and p.probs is None and p.referable is None
         assert p.quality["verdict"] == "not_fundus"
         assert p.error == f"not a fundus photograph: {p.quality['reasons'][0]}"
-        assert set(p.as_dict()) == {"image", "error", "quality"}
+        assert set(p.as_dict()) == {"image", "error", "quality", "status"}
+        assert p.status == "refer: ungraded eye"  # a refused eye is referred, never passed
     assert text.error.startswith("not a fundus photograph: no round fundus field on a dark background")
 
     anyway = predict(trained, [photos["text"], photos["checkerboard"]], quality_gate=False)
