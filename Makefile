@@ -17,6 +17,11 @@ $(VENV)/.stamp: requirements.txt
 
 venv: $(VENV)/.stamp
 
+# Test-only extras (a real MLflow server for tests/test_mlflow.py), kept out of `make run`.
+$(VENV)/.dev-stamp: requirements-dev.txt $(VENV)/.stamp
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
 # synth.json is written last, so its presence means a complete data set.
 $(SYNTH)/synth.json: | $(VENV)/.stamp
 	@echo "First start: generating the synthetic data set in $(SYNTH) (2,000 images; about 1-2 minutes, once)."
@@ -29,11 +34,11 @@ run: data
 	@echo "Retino's dashboard: open http://localhost:8501 in a browser (Ctrl-C here stops it)."
 	$(PY) -m streamlit run app.py
 
-test: data
+test: data $(VENV)/.dev-stamp
 	@echo "Running the whole test suite: it trains small models on the CPU, so expect tens of minutes."
 	$(PY) -m pytest -q tests
 
-# The inner loop: tests that train nothing and start no server (well under two minutes on 2 cores).
+# The inner loop: tests that train nothing and start no server.
 test-fast: data
 	$(PY) -m pytest -q -m "not slow" tests
 
