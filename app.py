@@ -5,7 +5,7 @@ that says which data set is in use (and switches it) and how many runs are train
 """
 import streamlit as st
 
-from retino import jobs, settings
+from retino.dashboard import jobs, settings
 from retino.data import DatasetError, read_dataset
 
 st.set_page_config(page_title="Retino", page_icon=":material/visibility:", layout="wide")

@@ -3,7 +3,7 @@
 A synthetic test split the size of EyePACS's (3,500 patients x 2 eyes = 7,000 images; grades drawn
 with EyePACS-like frequencies, predictions and a referable score near the truth). For each metric:
 
-  retino     ``retino.stats`` on all resamples at once, from the (n_boot, n_images) weight matrix
+  retino     ``retino.evaluation.stats`` on all resamples at once, from the (n_boot, n_images) weight matrix
   baseline   a Python loop over resamples, each expanding the sample by its weights and calling
              scikit-learn (``cohen_kappa_score``, ``accuracy_score``, ``f1_score``, ``roc_auc_score``,
              ``recall_score``), run on fewer resamples and scaled to n_boot
@@ -29,7 +29,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, recall_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retino import stats  # noqa: E402
+from retino.evaluation import stats  # noqa: E402
 
 TARGET_S = 1.0  # issue 10: "a 7,000-image test split in well under a second per metric on this CPU"
 THRESHOLD = 0.5
@@ -58,7 +58,7 @@ def best_of(fn, reps: int) -> float:
 
 
 def vectorised(w, y, pred, score) -> dict:
-    """metric name -> callable computing it for every row of ``w`` (retino.stats)."""
+    """metric name -> callable computing it for every row of ``w`` (retino.evaluation.stats)."""
     pos, flagged = y >= 2, score >= THRESHOLD
     return {
         "qwk": lambda: stats.qwk_from_confusion(stats.weighted_confusion(w, y, pred)),

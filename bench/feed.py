@@ -60,7 +60,7 @@ def random_cache(folder: Path, n: int, size: int) -> Path:
 
 
 def per_row_loader(ds: CachedImages, batch: int, workers: int, pin: bool) -> DataLoader:
-    """The loader ``retino.splits.make_loader`` built for a GPU before batched reads."""
+    """The loader ``retino.training.splits.make_loader`` built for a GPU before batched reads."""
     sampler = EpochSampler(ds.labels, seed=0)
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0)

@@ -14,7 +14,7 @@ Sets (every picture is made here; nothing is copied into the repository):
                  in a red disc, and scikit-image's retina blurred / noisy (``damaged``)
 
 Split: a photo belongs to the tuning part or the held-out part by a seeded hash of its name (its
-variants follow it); the limits in ``retino.quality.Limits`` were set looking at the tuning part
+variants follow it); the limits in ``retino.inference.quality.Limits`` were set looking at the tuning part
 only. The table gives counts per set and verdict for both parts; the rates are on the held-out part.
 
 Usage::
@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retino import quality  # noqa: E402
+from retino.inference.trained import quality  # noqa: E402
 from retino.data.preprocess import load_image  # noqa: E402
 from retino.data.synthetic import make_dataset  # noqa: E402
 

@@ -9,7 +9,7 @@
 # to $OUT/gpu.jsonl when $OUT is set, so a run cut short still returns what it measured):
 #   cache    building the decode-once cache of the synthetic set (images/s, the lab's 35,124 projected)
 #   train    per arch (ResNet-50 first, then ResNet-18) and variant: Retino's training images/s through
-#            its real loop (retino.train.fit, cache warm) against the model-only ceiling, their ratio
+#            its real loop (retino.training.train.fit, cache warm) against the model-only ceiling, their ratio
 #            (target >= 0.9 at 512 px on a GPU), eval images/s, peak memory
 #   grid     the lab report's grid projected on this device (ResNet-18 and -50, scratch and pretrained,
 #            10 epochs of 28,099 + 7,025 images; target under 20 minutes)
@@ -96,7 +96,7 @@ for size in ${sizes//,/ }; do
     for c in "${compiles[@]}"; do
         limit=$STEP_LIMIT
         [[ $c == on ]] && limit=$COMPILE_LIMIT
-        echo "[train] $size px, compile $c: ceiling and retino.train.fit per arch (limit ${limit} s) ..." >&2
+        echo "[train] $size px, compile $c: ceiling and retino.training.train.fit per arch (limit ${limit} s) ..." >&2
         rc=0
         timeout -k 20 "$limit" "$PYTHON" bench/train_throughput.py --emit --summary "$TMP/train-$i.json" \
             ${q[@]+"${q[@]}"} --device "$DEVICE" --size "$size" --archs "$archs" --amp "$amp" \

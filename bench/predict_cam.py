@@ -4,8 +4,8 @@ For ResNet-18 and ResNet-50 at 512 px (random weights: the time does not depend 
 after a warm-up, the best (and the median) of N repetitions of:
 
   forward    a plain forward pass of one preprocessed (1, 3, 512, 512) tensor (the baseline)
-  predict    ``retino.predict.predict``: decode a ~1 MP JPEG, crop, resize, normalise, forward
-  explain    ``retino.explain.explain`` with Grad-CAM on that prediction (forward + backward to layer4)
+  predict    ``retino.inference.predict.predict``: decode a ~1 MP JPEG, crop, resize, normalise, forward
+  explain    ``retino.inference.explain.explain`` with Grad-CAM on that prediction (forward + backward to layer4)
   total      predict + explain, what the Predict page does for one photo
   cam_full   pytorch-grad-cam without explain's cut at the target layer (backward through every weight)
 
@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retino import explain as ex  # noqa: E402
+from retino.inference import explain as ex  # noqa: E402
 from retino.config import TrainConfig  # noqa: E402
-from retino.inference import Trained  # noqa: E402
-from retino.predict import predict as predict_photos  # noqa: E402
+from retino.inference.trained import Trained  # noqa: E402
+from retino.inference.predict import predict as predict_photos  # noqa: E402
 from retino.models import build_model, normalization  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Where the real training loop's time goes: one ``torch.profiler`` trace of 20 steps of ``retino.train.fit``.
+"""Where the real training loop's time goes: one ``torch.profiler`` trace of 20 steps of ``retino.training.train.fit``.
 
 ``bench/gpu.sh`` runs this for an architecture whose loop fell short of 0.9 of the model's own ceiling:
 it trains the same synthetic set ``bench/train_throughput.py`` made (its cache warm), profiles steps
@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import pick_device  # noqa: E402
 from train_throughput import replicated_set  # noqa: E402
-from retino import lifecycle  # noqa: E402
+from retino.training import lifecycle  # noqa: E402
 from retino.config import ARCHS, TrainConfig  # noqa: E402
-from retino.train import fit  # noqa: E402
+from retino.training.train import fit  # noqa: E402
 
 WAIT, WARMUP, ACTIVE = 5, 3, 20  # steps skipped, warmed up, then recorded
 QUICK_STEPS = (1, 1, 2)          # --quick: 40 photos at batch 8 make 5 steps an epoch

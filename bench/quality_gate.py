@@ -1,9 +1,9 @@
-"""How well and how fast the quality gate (retino.quality.assess) sorts photographs.
+"""How well and how fast the quality gate (retino.inference.quality.assess) sorts photographs.
 
   accuracy   on a synthetic set with degraded photos (``make_dataset(degraded=...)``): recall on the
              degraded ones (called ungradable or not_fundus), with the reason of their kind, and
              the false-alarm rate on the good ones, against ``quality.csv``
-  measures   min-max of every score by kind: where the limits in ``retino.quality.Limits`` sit
+  measures   min-max of every score by kind: where the limits in ``retino.inference.quality.Limits`` sit
   real       the verdict on every photo of ../shared/real_fundus_sample/train, when present
   speed      CPU ms per photo for ``assess`` on the decoded array, against the JPEG decode of the
              same photo (``load_image``) measured in the same run: the gate's cost as a ratio
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retino.data.preprocess import load_image  # noqa: E402
 from retino.data.synthetic import make_dataset  # noqa: E402
-from retino.quality import assess  # noqa: E402
+from retino.inference.quality import assess  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_fundus_sample" / "train"
 REASON = {"dark": "too dark", "blurred": "out of focus", "overexposed": "over-exposed",

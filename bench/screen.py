@@ -1,4 +1,4 @@
-"""Screening throughput: ``retino.screen`` against the one-photo-at-a-time ``predict`` loop.
+"""Screening throughput: ``retino.screening.screen`` against the one-photo-at-a-time ``predict`` loop.
 
 Both grade the same photos with the same model at the run's image size (default 512 px, a freshly
 initialised ResNet-18 saved as a run: the time does not depend on the weights):
@@ -9,7 +9,7 @@ initialised ResNet-18 saved as a run: the time does not depend on the weights):
                 the quality gate here, the forward pass in batches of B with BatchNorm folded and
                 channels_last; timed from the call to the written reports
   screen, W decoding processes   the same with ``workers=W`` (spawn start-up included)
-  screen, no gate   in-process, without ``retino.quality.assess`` (predict has no gate)
+  screen, no gate   in-process, without ``retino.inference.quality.assess`` (predict has no gate)
 
 and, for scale, the predict loop given the run folder each call (the checkpoint loaded every time,
 as separate ``predict`` calls on a run folder do), timed on a quarter of the photos.
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retino import runs  # noqa: E402
 from retino.config import TrainConfig  # noqa: E402
-from retino.inference import load_trained  # noqa: E402
+from retino.inference.trained import load_trained  # noqa: E402
 from retino.models import build_model, normalization  # noqa: E402
-from retino.predict import predict  # noqa: E402
-from retino.screen import screen  # noqa: E402
+from retino.inference.predict import predict  # noqa: E402
+from retino.screening.screen import screen  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_fundus_sample" / "train"
 

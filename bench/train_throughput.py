@@ -7,7 +7,7 @@ For each architecture at ``--size`` px (default 512), and each variant asked for
   ceiling  the model alone on one fixed random batch already on the device: forward, loss, backward,
            AdamW step, in the variant's precision, memory format and compilation. No data pipeline:
            the most the device can do. Plain torch, so it does not move when Retino's loop does.
-  retino   ``retino.train.fit`` itself, as a user runs it: a synthetic set's decode-once cache,
+  retino   ``retino.training.train.fit`` itself, as a user runs it: a synthetic set's decode-once cache,
            the loader, augmentation on the device, training, evaluation and checkpoints each epoch.
            Training images/s is the last epoch's figure from metrics.jsonl (after compilation and
            cuDNN's autotuning in the first); evaluation images/s and the per-epoch overhead come
@@ -58,7 +58,7 @@ from retino.data.cache import build_cache, cache_key  # noqa: E402
 from retino.paths import cache_root  # noqa: E402
 from retino.data._workers import resolve_workers
 from retino.models import build_model  # noqa: E402
-from retino.train import fit  # noqa: E402
+from retino.training.train import fit  # noqa: E402
 
 TARGET_CEILING_RATIO = 0.9  # issue 12: Retino's loop keeps >= 90% of the model's own speed on a GPU
 LAB_GRID = {"train": 28_099, "test": 7_025, "epochs": 10, "runs_per_arch": 2}  # ANCHORS.md: the lab report
@@ -121,7 +121,7 @@ def ceiling(arch: str, v: dict, args, device: torch.device) -> dict:
 
 
 def retino_fit(arch: str, v: dict, args, device: torch.device, data: Path, work: Path, n: dict) -> dict:
-    """``retino.train.fit`` on the synthetic set; rates from its metrics.jsonl."""
+    """``retino.training.train.fit`` on the synthetic set; rates from its metrics.jsonl."""
     auto = isinstance(TrainConfig().workers, str)  # "auto" once the config takes it
     workers = "auto" if auto else resolve_workers("auto", purpose="loader", device_type=device.type)
     cfg = TrainConfig(data=str(data), arch=arch, image_size=args.size, batch_size=args.batch_size,

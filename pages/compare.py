@@ -1,7 +1,7 @@
 """Compare: pick runs, then their test figures with intervals, B vs A, ROC and reliability, curves,
 confusion matrices, the photos a run gets most wrong, and configs.
 
-Every number comes from ``retino.compare`` (pure pandas) and every figure from ``retino.charts``;
+Every number comes from ``retino.evaluation.compare`` (pure pandas) and every figure from ``retino.dashboard.charts``;
 metrics and evaluations are read once per (run, file stamps), so 50 runs on disk stay quick
 (bench/compare_page.py). Nothing here runs a model unless the user asks (evaluate once, Grad-CAM).
 """
@@ -10,12 +10,15 @@ from functools import partial
 import streamlit as st
 
 from retino import paths
-from retino import charts, compare, dashboard, downloads, evaluate, explain, runs
+from retino.dashboard import charts, runs_view as dashboard, downloads
+from retino.evaluation import compare, evaluate
+from retino.inference import explain
+from retino import runs
 from retino.data import DatasetError, ImageError
 from retino.grades import grade_label
-from retino.inference import load_trained
-from retino.text import md_text
-from retino import results
+from retino.inference.trained import load_trained
+from retino.dashboard.text import md_text
+from retino.evaluation import results
 
 PERCENT = {"accuracy", "macro_f1", "balanced_acc", "sens_at_90spec", "majority_acc", "acc_over_majority"}
 HEADINGS = {"run": "run", "best_epoch": "best epoch", "epochs": "epochs", "accuracy": "accuracy", "qwk": "QWK",

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from retino import charts, settings
+from retino.dashboard import charts, settings
 from retino.config import CLASS_WEIGHTS, TrainConfig
 from retino.data import DatasetError, load_image, preprocess, read_dataset, stats
 from retino.grades import GRADE_NAMES
-from retino.metrics import class_weights
-from retino.text import md_text
+from retino.evaluation.metrics import class_weights
+from retino.dashboard.text import md_text
 
 GALLERY_DISPLAY_PX = 360  # originals are shown downscaled: a 3888 px Kaggle photo would weigh megabytes
 TRAINING = TrainConfig()  # the gallery's defaults are what a default run sees

@@ -1,6 +1,6 @@
 """Predict: grade photographs with a finished run and see where the model looked (Grad-CAM).
 
-Every number and map comes from ``retino.predict`` and ``retino.explain``; the model is loaded once
+Every number and map comes from ``retino.inference.predict`` and ``retino.inference.explain``; the model is loaded once
 per (run, checkpoint stamp) and shared by every session (``explain`` locks it while a map is made),
 predictions and maps are cached per photo, so moving the opacity slider only re-blends. Each photo
 shows the quality gate's verdict (a photo that is not a fundus is not graded unless asked), the
@@ -14,14 +14,17 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from retino import paths
-from retino import charts, compare, dashboard, explain, predict, runs, settings
-from retino.text import md_text
-from retino import choices
-from retino.choices import PROB_COLS
+from retino.dashboard import charts, runs_view as dashboard, settings
+from retino.evaluation import compare
+from retino.inference import explain, predict
+from retino import runs
+from retino.dashboard.text import md_text
+from retino.inference import choices
+from retino.inference.choices import PROB_COLS
 from retino.data import DatasetError, read_dataset
 from retino.data.preprocess import MAX_BYTES
 from retino.grades import GRADE_INFO, GRADES
-from retino.inference import load_trained
+from retino.inference.trained import load_trained
 
 MAX_UPLOAD_MB = MAX_BYTES // 2**20  # the decoder's own limit; larger files would be refused anyway
 FINE_MAP_CELLS = 8  # below this many cells a side, the page says why the map is coarse

@@ -1,6 +1,6 @@
 """Screen: grade every photograph in a folder with a finished run, and list the patients to refer.
 
-All the work is ``retino.screen.screen``, run in this script with a callback that moves the progress
+All the work is ``retino.screening.screen.screen``, run in this script with a callback that moves the progress
 bar (never from another thread). Its rows are written as each batch finishes, so a screen stopped
 half-way resumes from its report when started again. Stop (or any click while it runs) ends the
 script run at the next batch, as Streamlit does: the rerun finds the job still in the session and
@@ -12,12 +12,14 @@ import math
 import streamlit as st
 
 from retino import paths
-from retino import admission, dashboard, runs
-from retino import screen as screening
-from retino.screen_paths import path_problem
-from retino.choices import STATUSES
-from retino.text import md_text
-from retino import screen_paths, screen_report
+from retino.training import admission
+from retino.dashboard import runs_view as dashboard
+from retino import runs
+from retino.screening import screen as screening
+from retino.screening.screen_paths import path_problem
+from retino.inference.choices import STATUSES
+from retino.dashboard.text import md_text
+from retino.screening import screen_paths, screen_report
 
 st.title("Screen a folder")
 st.caption("Every JPEG/PNG under a folder graded in batches: one row per photo, one per patient (referable when "

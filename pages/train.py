@@ -1,8 +1,8 @@
 """Train: a sidebar form built from TrainConfig, launched as background jobs, monitored live.
 
-Each run is its own ``python -m retino train`` process (``retino.jobs``); this page only writes a
+Each run is its own ``python -m retino train`` process (``retino.dashboard.jobs``); this page only writes a
 config, starts it, and reads run folders back every 2 seconds (a fragment with ``run_every=2``).
-Presets are ``retino.config.PRESETS``; what a run needs before it starts comes from ``retino.plan``.
+Presets are ``retino.config.PRESETS``; what a run needs before it starts comes from ``retino.dashboard.plan``.
 """
 import dataclasses
 import time
@@ -10,11 +10,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from retino import charts, compare, dashboard, jobs, plan, runs, settings
+from retino.dashboard import charts, runs_view as dashboard, jobs, plan, settings
+from retino.evaluation import compare
+from retino import runs
 from retino.config import PRESETS, ConfigError, TrainConfig, expand_preset, preset_base
 from retino.data import DatasetError, read_dataset
 from retino.models import list_models, weights_available
-from retino.text import md_text
+from retino.dashboard.text import md_text
 
 MAIN = ("arch", "pretrained", "head", "loss", "class_weights", "sampler", "augment", "epochs", "batch_size",
         "image_size", "ben_graham", "optimizer", "lr", "weight_decay", "device", "seed", "name")

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 
-from .cli import (EXIT_BAD_INPUT, UserError, _num, _Parser, _print_json, cmd_cam_score,
-                  cmd_export, cmd_predict, cmd_screen)
+from .cli import (EXIT_BAD_INPUT, UserError, _num, _Parser, _print_json, cmd_cam_score, cmd_export, cmd_predict,
+                  cmd_screen)
 
 
 # ----------------------------------------------------------------------------- verbs
 
 def cmd_report(args) -> int:
-    from .html_report import write_report
+    from .dashboard.html_report import write_report
     out = write_report(args.run_dirs, args.out, n_worst=max(0, args.worst))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
@@ -37,7 +37,7 @@ def cmd_synth(args) -> int:
 
 def cmd_stats(args) -> int:
     from .data import read_dataset, stats
-    from . import settings
+    from .dashboard import settings
     from .fileio import resolve_data_path
     report = stats(read_dataset(resolve_data_path(args.data_dir)), deep=args.deep)
     if args.json:
@@ -74,14 +74,14 @@ def _train_parser(sub) -> None:
 def cmd_train(args) -> int:
     if getattr(args, "mlflow", None):  # the trainer (this process or its children) reads the environment
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow
-    from . import admission
+    from .training import admission
     import torch
     from . import runs
     from .config import config_from_args
     from .data import read_dataset
     from .models import WeightsUnavailable, check_weights
-    from .train import fit
-    from .loop import TrainingError
+    from .training.train import fit
+    from .training.loop import TrainingError
     if args.resume:
         run_dir = admission.user_path(args.resume, "--resume")
         saved, cfg, changed = admission.resume_config(run_dir, args)
@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     except WeightsUnavailable as e:
         raise UserError(str(e))
     except (TrainingError, OSError) as e:
-        from .lifecycle import failure_message
+        from .training.lifecycle import failure_message
         print(f"error: {failure_message(e, batch_size=cfg.batch_size, image_size=cfg.image_size)}", file=sys.stderr)
         return 1
     if "stopped_at" in best:
@@ -143,10 +143,10 @@ def _train_preset(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import dashboard
-    from .evaluate import evaluate_run
+    from .dashboard import runs_view as dashboard
+    from .evaluation.evaluate import evaluate_run
     from .grades import GRADES, grade_label
-    from .stats import format_interval
+    from .evaluation.stats import format_interval
     r = evaluate_run(args.run_dir, data=args.data, split=args.split)
     if args.json:
         _print_json(r)
@@ -182,8 +182,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     """B minus A on the same test images; exit 2 (one line) when they were not evaluated on the same ones."""
-    from .evaluate import compare_runs
-    from .stats import format_interval
+    from .evaluation.evaluate import compare_runs
+    from .evaluation.stats import format_interval
     r = compare_runs(args.run_a, args.run_b, data=args.data)
     if args.json:
         _print_json(r)
@@ -197,7 +197,7 @@ def cmd_compare(args) -> int:
 
 def cmd_check_run(args) -> int:
     """Whole or not (exit 1), and in either case the run's state, epochs and missing checkpoints."""
-    from .choices import run_problems
+    from .inference.choices import run_problems
     from .runs import check_run, run_summary
     folder = Path(args.run_dir)
     if not folder.is_dir():
@@ -383,8 +383,9 @@ def _mark_failed(args, error: Exception) -> None:
     A fresh launch becomes ``failed``; a refused Resume goes back to the state it had, with a note.
     A busy folder (another trainer holds it) is never touched: its status is that trainer's.
     """
-    from . import admission
-    from . import lifecycle, runs
+    from .training import admission
+    from .training import lifecycle
+    from . import runs
     folder = getattr(args, "run_dir", None) or getattr(args, "resume", None) if args.verb == "train" else None
     if not folder or isinstance(error, lifecycle.RunBusy):
         return

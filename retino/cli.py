@@ -39,7 +39,7 @@ def _num(value, digits: int = 4) -> str:
 # ----------------------------------------------------------------------------- grading verbs
 
 def _check_cam_method(method: str, flag: str) -> None:
-    from .explain import list_cam_methods
+    from .inference.explain import list_cam_methods
     if method not in list_cam_methods():
         raise UserError(f"Invalid {flag} {method!r}. Choose one of: {', '.join(list_cam_methods())}.")
 
@@ -62,7 +62,7 @@ def _write_cams(preds, cam_dir: Path) -> dict[int, str]:
     """
     import numpy as np
     from PIL import Image
-    from .explain import overlay_on_photo
+    from .inference.explain import overlay_on_photo
     cam_dir.mkdir(parents=True, exist_ok=True)
     cams, used = {}, set()
     for i, p in enumerate(preds):
@@ -88,7 +88,7 @@ def _stored_size(path) -> tuple[int, int] | None:
 
 def _predict_header(trained) -> str:
     """The run, its checkpoint, how its probabilities are calibrated and the referral rule: once, on stderr."""
-    from .inference import referral
+    from .inference.trained import referral
     calib = ""
     if trained.config.head == "classify":
         calib = (f"; probabilities calibrated (temperature {trained.temperature:.3g})" if trained.temperature
@@ -116,8 +116,8 @@ def _predict_line(p, cam: str | None) -> str:
 
 def cmd_predict(args) -> int:
     """Exit 0 when every image was graded, 2 when any was rejected (unreadable, or not a fundus photograph)."""
-    from .inference import load_trained
-    from .predict import predict
+    from .inference.trained import load_trained
+    from .inference.predict import predict
     cam_dir = Path(args.cam_dir) if args.cam_dir else None
     if cam_dir:
         _check_cam_method(args.cam_method, "--cam-method")
@@ -143,8 +143,8 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     """Write the model file and its deployment JSON; print both paths."""
-    from . import admission
-    from .export import export_run
+    from .training import admission
+    from .inference.export import export_run
     out = admission.user_path(args.out, "--out") if args.out else None
     try:
         model_path, json_path = export_run(admission.user_path(args.run_dir, "RUN_DIR"), args.format, out,
@@ -160,7 +160,7 @@ def cmd_export(args) -> int:
 
 def cmd_cam_score(args) -> int:
     """One JSON object with ``--json``, else three readable lines."""
-    from .pointing import cam_score
+    from .inference.pointing import cam_score
     _check_cam_method(args.method, "--method")
     result = cam_score(args.run_dir, data=args.data, method=args.method, limit=args.limit, contrast=args.contrast)
     if args.json:
@@ -174,9 +174,9 @@ def cmd_cam_score(args) -> int:
 
 def cmd_screen(args) -> int:
     """Exit 0 when the folder was screened (unreadable files are rows of the report), 130 on Ctrl-C."""
-    from . import admission
-    from .screen import ScreenError, screen
-    from .screen_paths import MAX_FILES
+    from .training import admission
+    from .screening.screen import ScreenError, screen
+    from .screening.screen_paths import MAX_FILES
     if args.max_files is not None and args.max_files < 1:
         raise UserError(f"--max-files must be a whole number >= 1, got {args.max_files}")
     limit = None if args.yes else (args.max_files if args.max_files is not None else MAX_FILES)

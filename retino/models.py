@@ -115,7 +115,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Stem, four stages, global average pool, one linear head ``fc``.
 
-    ``layer4[-1]`` is the last residual block: the Grad-CAM target in ``retino.explain``.
+    ``layer4[-1]`` is the last residual block: the Grad-CAM target in ``retino.inference.explain``.
     """
 
     def __init__(self, block: type[Union[BasicBlock, Bottleneck]], layers: list[int], num_classes: int = 1000):

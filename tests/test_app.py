@@ -17,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, TINY_TRAIN, run_cli
 from retino import paths
-from retino import jobs, runs, settings
+from retino.dashboard import jobs, settings
+from retino import runs
 from retino.config import TrainConfig
 from retino.data import read_dataset, stats
 from retino import fileio
@@ -216,7 +217,7 @@ def weights_on_disk(monkeypatch):
         have = {"resnet18", "resnet50"}
     fake = lambda arch: (arch in Hub.have, f"/hub/checkpoints/{arch}.pth")  # noqa: E731
     monkeypatch.setattr("retino.models.weights_available", fake)
-    monkeypatch.setattr("retino.plan.weights_available", fake)
+    monkeypatch.setattr("retino.dashboard.plan.weights_available", fake)
     return Hub
 
 
@@ -252,7 +253,7 @@ def test_lab_preset_without_weights_says_so_before_starting(data_in_use, runs_di
 
 
 def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launched, weights_on_disk):
-    from retino import plan
+    from retino.dashboard import plan
     at = app("pages/train.py")
     at.sidebar.selectbox(key="train.preset").select("lab-report").run()
     at.selectbox(key="cfg.device").set_value("cpu")

@@ -224,7 +224,8 @@ def test_dashboard_end_to_end(tmp_path, tiny_data):
             _shoot(page, "6-preset", shots)
             browser.close()
     finally:
-        from retino import jobs, runs
+        from retino.dashboard import jobs
+        from retino import runs
         for run in runs.list_runs(runs_dir):  # never leave a trainer behind a failed test
             if run.state in runs.ACTIVE:
                 jobs.stop(run.path)

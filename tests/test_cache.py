@@ -10,7 +10,6 @@ from PIL import Image
 
 from retino.data import read_dataset
 from retino.data.cache import build_cache, cache_key
-from retino.data import loaders
 from retino.data.loaders import CachedImages, DecodedImages, EpochSampler
 from retino.data.augment import augment
 from retino.data import augment

@@ -1,9 +1,9 @@
-"""retino.calibration: ECE, temperature scaling and the operating point, on cases with known answers."""
+"""retino.evaluation.calibration: ECE, temperature scaling and the operating point, on cases with known answers."""
 
 import numpy as np
 import pytest
 
-from retino import calibration as cal
+from retino.evaluation import calibration as cal
 
 
 def _calibrated(n: int, seed: int = 0, spread: float = 2.0):

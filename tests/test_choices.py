@@ -1,4 +1,4 @@
-"""retino.choices: one reader of a run's choices, every file checked, one referral rule. No training."""
+"""retino.inference.choices: one reader of a run's choices, every file checked, one referral rule. No training."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from retino import choices, runs
+from retino.inference import choices
+from retino import runs
 from retino.config import TrainConfig
-from retino.ood import save_ood
+from retino.inference.ood import save_ood
 
 THRESHOLDS = [0.5, 1.2, 2.5, 3.5]
 
@@ -109,7 +110,7 @@ def test_missing_evaluation_note_names_the_command(tmp_path):
 def test_regress_default_cut_is_its_own_grade_cut_point():
     cut, rule = choices.referral_cut("regress", {"threshold": None}, THRESHOLDS)
     assert cut == THRESHOLDS[1] and "between grades 1 and 2" in rule
-    from retino.metrics import apply_thresholds
+    from retino.evaluation.metrics import apply_thresholds
     scores = np.linspace(-1, 5, 601)
     assert np.array_equal(apply_thresholds(scores, THRESHOLDS) >= 2, scores >= cut)  # one set of cut points
 
@@ -131,7 +132,7 @@ def test_referral_reason_explains_a_low_grade_referable_photo():
 
 def test_the_test_report_uses_the_regress_runs_own_cut(tmp_path):
     import pandas as pd
-    from retino.report import report
+    from retino.evaluation.report import report
     scores = np.array([0.2, 0.9, 1.1, 1.4, 2.2, 3.0] * 5)
     labels = np.array([0, 1, 1, 2, 2, 3] * 5)
     table = pd.DataFrame({"image": [str(i) for i in range(30)], "patient": [str(i) for i in range(30)], "eye": "left",

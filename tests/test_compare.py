@@ -1,13 +1,14 @@
-"""retino.compare on hand-made metric rows: the best-epoch table, the config diff, seed groups."""
+"""retino.evaluation.compare on hand-made metric rows: the best-epoch table, the config diff, seed groups."""
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from retino import charts, compare, metrics
+from retino.dashboard import charts
+from retino.evaluation import compare, metrics
 from retino.config import TrainConfig
-from retino import results
+from retino.evaluation import results
 from retino import runs
 
 # 10 test images: 7 of grade 0, 1 of grade 1, 2 of grade 2 -> the majority baseline is 70%
@@ -216,7 +217,7 @@ def test_roc_operating_point_is_the_val_threshold_applied_to_test():
 
 def test_roc_point_agrees_with_the_test_report_after_temperature():
     """The page's point and the report's sensitivity/specificity read the same (calibrated) score."""
-    from retino import report
+    from retino.evaluation import report
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, 60)
     logits = rng.normal(size=(60, 5)) + 2.0 * np.eye(5)[labels]

@@ -16,10 +16,12 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import CLASSIFY_FLAGS, REPO, TINY_TRAIN, run_cli
 from retino import paths
-from retino import evaluate, report, runs, settings
-from retino.stats import format_interval
+from retino.evaluation import evaluate, report
+from retino import runs
+from retino.dashboard import settings
+from retino.evaluation.stats import format_interval
 from retino import fileio
-from retino import results
+from retino.evaluation import results
 
 
 @pytest.fixture(scope="module")

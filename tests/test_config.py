@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from retino import jobs
+from retino.dashboard import jobs
 from retino.__main__ import build_parser
-from retino.config import (ARCHS, PRESETS, ConfigError, TrainConfig, config_from_args, expand_preset,
-                           preset_base)
+from retino.config import ARCHS, PRESETS, ConfigError, TrainConfig, config_from_args, expand_preset, preset_base
 
 # every field away from its default, each to a value the validator accepts
 ODD = TrainConfig(

@@ -5,9 +5,9 @@ import csv
 import numpy as np
 import pandas as pd
 
-from retino.screen import screen
-from retino.screen_report import read_report, table_csv
-from retino.screen_report import escape_cell, unescape_cell
+from retino.screening.screen import screen
+from retino.screening.screen_report import read_report, table_csv
+from retino.screening.screen_report import escape_cell, unescape_cell
 from test_screen import fresh_run, photos as photos  # noqa: F401  (the fixture)
 from test_screen import write_photos
 

@@ -1,11 +1,12 @@
-"""retino.dashboard and retino.plan on hand-made run folders: no training, no Streamlit."""
+"""retino.dashboard.runs_view and retino.dashboard.plan on hand-made run folders: no training, no Streamlit."""
 import json
 import math
 import time
 
 import pytest
 
-from retino import dashboard, plan, runs
+from retino.dashboard import runs_view as dashboard, plan
+from retino import runs
 from retino.config import TrainConfig
 from retino import fileio
 
@@ -213,7 +214,7 @@ def test_item4_the_queue_message_names_the_run_it_waits_for(tmp_path):
      "test cut from the labelled photos by patient (20%, seed 0), val carved from train by patient (15%"),
 ])
 def test_item5_split_given_only_when_val_was_given(split, text):
-    from retino import settings
+    from retino.dashboard import settings
     assert settings.split_text(split).startswith(text)
 
 

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from retino.data.dicom import patient_eye_from_dicom
 from retino.data.preprocess import ImageError, load_image
 from retino.data.synthetic import render_fundus
-from retino.screen import screen
+from retino.screening.screen import screen
 from test_screen import GOOD, PHOTO, fresh_run
 
 OPHTHALMIC_PHOTOGRAPHY_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
@@ -160,7 +160,7 @@ def test_screened_dicom_folder_gives_the_patient_rows_of_the_same_photos(tmp_pat
 
 def test_predict_grades_a_dicom_file_as_its_jpeg(tmp_path_factory, tmp_path):
     """Predict (path, and bytes as the page's upload gives them) reads DICOM with no caller change."""
-    from retino.predict import predict
+    from retino.inference.predict import predict
     run = fresh_run(tmp_path_factory.mktemp("dicom-runs") / "20260101-000000-classify")
     rgb = render_fundus(3, eye="right", size=PHOTO, seed=5)[0]
     data = jpeg_bytes(rgb)

@@ -17,8 +17,9 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from retino import paths
-from retino import downloads, runs
-from retino.inference import load_trained
+from retino.dashboard import downloads
+from retino import runs
+from retino.inference.trained import load_trained
 from test_screen import SIZE, fresh_run
 
 RUN_ID = "20260101-000000-fresh"

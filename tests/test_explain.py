@@ -1,4 +1,4 @@
-"""retino.predict, .explain and .pointing: every kind of photo, the CAM methods, rejected files, the CLI verbs, the page.
+"""retino.inference.predict, .explain and .pointing: every kind of photo, the CAM methods, rejected files, the CLI verbs, the page.
 
 The session's tiny classify and regress runs (60 synthetic images at 64 px, 2 epochs), copied:
 the numbers are meaningless, the shapes, ranges, messages and exit codes are not.
@@ -19,14 +19,15 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, copy_run, run_cli
-from retino import explain, inference, pointing, settings
+from retino.inference import explain, trained as inference, pointing
+from retino.dashboard import settings
 from retino.data import ImageError, read_dataset
 from retino.data.preprocess import preprocess
 from retino.data.synthetic import render_fundus
 from retino.grades import GRADE_INFO
-from retino.inference import load_trained
-from retino.grading import TTA_ANGLES, tta_views
-from retino.predict import predict, predictions_table
+from retino.inference.trained import load_trained
+from retino.inference.grading import TTA_ANGLES, tta_views
+from retino.inference.predict import predict, predictions_table
 
 SIZE = 64
 REAL = REPO.parent / "shared" / "real_fundus_sample" / "train"

@@ -1,4 +1,4 @@
-"""retino.export: ONNX and TorchScript files that compute what Retino's own model computes.
+"""retino.inference.export: ONNX and TorchScript files that compute what Retino's own model computes.
 
 The session's two tiny runs (2 epochs, 64 px ResNet-18 on the 60-image synthetic set): a classify
 head on plain photos and a regress head with Ben Graham's normalisation. The weights are meaningless,
@@ -17,9 +17,9 @@ from conftest import copy_run, run_cli
 from retino import runs
 from retino.data.augment import normalize, to_float
 from retino.data.preprocess import load_and_preprocess
-from retino.inference import load_trained
-from retino.export import FORMATS, export_run
-from retino.predict import predict
+from retino.inference.trained import load_trained
+from retino.inference.export import FORMATS, export_run
+from retino.inference.predict import predict
 
 SIZE = 64
 

@@ -3,7 +3,6 @@ torchrun, on a full disk, and with unreadable images (issues 12 and 15)."""
 import errno
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -23,7 +22,8 @@ import feed_ranks  # tests/feed_ranks.py
 from retino.data import loaders, read_dataset
 from retino.data.cache import CacheError, CacheStopped, build_cache
 from retino.data.feeder import CacheFeeder
-from retino.data.loaders import CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed, make_loader
+from retino.data.loaders import (CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed,
+                                 make_loader)
 from retino.data._workers import resolve_workers
 from retino.data import augment
 

@@ -16,14 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from retino import choices, evaluate, ood, runs
+from retino.inference import choices, ood
+from retino.evaluation import evaluate
+from retino import runs
 from retino.config import TrainConfig
 from retino.data.synthetic import degrade_photo, render_fundus
-from retino.explain import explain
-from retino.inference import load_trained
+from retino.inference.explain import explain
+from retino.inference.trained import load_trained
 from retino.models import build_model, normalization
-from retino.predict import predict
-from retino.screen import screen
+from retino.inference.predict import predict
+from retino.screening.screen import screen
 
 SIZE = 64
 THRESHOLDS = [-0.2, -0.1, 0.0, 0.1]
@@ -146,7 +148,7 @@ def test_evaluate_and_compare_refuse_an_unfinished_run(tmp_path):
 
 
 def test_only_choices_reads_evaluation_json():
-    """One reader: outside retino.choices, evaluation.json is only written (or stat'ed), never parsed."""
+    """One reader: outside retino.inference.choices, evaluation.json is only written (or stat'ed), never parsed."""
     import re
     root = Path(choices.__file__).parent
     readers = []

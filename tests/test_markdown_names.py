@@ -1,6 +1,5 @@
 """Names are text: a run named with markdown (an image, a javascript: link) renders as its own text on the
 Compare and Train pages, never as an image the browser fetches or a link."""
-import shutil
 
 import markdown_it
 import pytest
@@ -9,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO
 from retino import paths
 from retino import runs
-from retino.text import md_text
+from retino.dashboard.text import md_text
 from test_screen import fresh_run
 
 NAMES = ["![img](http://host/x.png)", "[x](javascript:alert(1))", "**bold** <b>x</b> `code` :red[x] $x$",

@@ -1,4 +1,4 @@
-"""retino.metrics: agreement with scikit-learn, the degenerate cases, and the regression thresholds."""
+"""retino.evaluation.metrics: agreement with scikit-learn, the degenerate cases, and the regression thresholds."""
 
 import json
 
@@ -6,18 +6,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 
-from retino.metrics import (
-    GRADES,
-    apply_thresholds,
-    class_weights,
-    classification_metrics,
-    fit_thresholds,
-    majority_baseline,
-    quadratic_kappa,
-    referable_score_from_probs,
-    sensitivity_at_specificity,
-)
-from retino import metrics
+from retino.evaluation.metrics import (GRADES, apply_thresholds, class_weights, classification_metrics,
+                                       fit_thresholds, majority_baseline, quadratic_kappa,
+                                       referable_score_from_probs, sensitivity_at_specificity)
+from retino.evaluation import metrics
 
 KEYS = {"acc", "qwk", "macro_f1", "balanced_acc", "recall", "precision", "confusion", "n",
         "ref_sens", "ref_spec", "ref_auc", "ref_sens_at_90spec"}

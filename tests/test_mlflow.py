@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 
 from conftest import TINY_TRAIN, run_cli
-from retino import runs, tracking
+from retino import runs
+from retino.training import tracking
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is in requirements-dev.txt (make test installs it)")
 

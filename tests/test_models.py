@@ -8,15 +8,8 @@ import torch
 import torchvision
 
 from retino import config, models
-from retino.models import (
-    WeightsUnavailable,
-    build_model,
-    check_weights,
-    list_models,
-    normalization,
-    param_count,
-    weights_available,
-)
+from retino.models import (WeightsUnavailable, build_model, check_weights, list_models, normalization, param_count,
+                           weights_available)
 
 ARCHS = list_models()
 HEADS = list(config.HEADS)

@@ -18,11 +18,11 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, run_cli
-from retino import explain, ood, quality
+from retino.inference import explain, ood, quality
 from retino.data import read_dataset
 from retino.data.synthetic import degrade_photo, render_fundus
-from retino.inference import load_trained
-from retino.predict import predict
+from retino.inference.trained import load_trained
+from retino.inference.predict import predict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_quality import checkerboard, text_on_white  # noqa: E402  (the drawn not-fundus pictures)
@@ -179,7 +179,7 @@ def test_referable_flips_at_the_operating_point(base_run, photos, tmp_path):
 
 def test_ood_score_comes_from_the_grading_pass(base_run, photos, tmp_path):
     from dataclasses import replace
-    from retino.splits import load_split
+    from retino.training.splits import load_split
     run = copy_run(base_run, tmp_path / "run", {"temperature": 1.0})
     trained = load_trained(run)
     cfg = replace(trained.config, cache=True)  # the cache under the test's RETINO_CACHE, as training reads it

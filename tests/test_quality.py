@@ -1,4 +1,4 @@
-"""retino.quality: every verdict and reason, the OOD calibration, and synth's degraded photos.
+"""retino.inference.quality: every verdict and reason, the OOD calibration, and synth's degraded photos.
 
 Not-fundus pictures are drawn here (text, a gradient, faces, discs that are not a retina, a
 checkerboard, a circuit board) or taken from scikit-image's sample photographs; fundus photos come
@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from retino import quality
+from retino.inference import quality
 from retino.data.preprocess import load_image
 from retino.data.synthetic import DEGRADATIONS, degrade_photo, make_dataset, render_fundus
 from retino.models import build_model
-from retino.quality import LIMITS, assess
-from retino.ood import fit_ood, is_ood, load_ood, ood_score, penultimate_features, save_ood
-from retino import ood
+from retino.inference.quality import LIMITS, assess
+from retino.inference.ood import fit_ood, is_ood, load_ood, ood_score, penultimate_features, save_ood
+from retino.inference import ood
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real_fundus_sample" / "train"
 # The reason each degradation must be given (its prefix).

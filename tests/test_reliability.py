@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_TRAIN, copy_run, raw_status, run_cli, wait_for
-from retino import fileio, jobs, runs
+from retino import fileio, runs
+from retino.dashboard import jobs
 from retino.config import TrainConfig
 from retino.data import load_image
 
@@ -114,7 +115,7 @@ def test_unreadable_image_with_cache_false_is_left_out_and_named(tiny_data, tmp_
 
 @pytest.mark.slow
 def test_out_of_memory_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
-    import retino.train as train
+    import retino.training.train as train
 
     class Exploding(torch.nn.Module):
         def __init__(self):
@@ -222,7 +223,7 @@ class _Boom:
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
-    from retino.inference import load_trained
+    from retino.inference.trained import load_trained
     marker = tmp_path / "pwned"
     _Boom.marker = marker
     run = tmp_path / "run"

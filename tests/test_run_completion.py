@@ -3,7 +3,7 @@ file of its final evaluation, says the same about resuming everywhere, logs as i
 trainer processes are reaped.
 
 Kills fall deterministically at named save points (``RETINO_KILL_AT=<point>:<epoch>``, see
-retino.lifecycle.save_point).
+retino.training.lifecycle.save_point).
 """
 import json
 import os
@@ -18,7 +18,9 @@ import torchvision
 
 from conftest import REPO, TINY_TRAIN, raw_status, run_cli, wait_for
 from retino import __main__ as cli
-from retino import admission, dashboard, jobs, models, runs
+from retino.training import admission
+from retino.dashboard import runs_view as dashboard, jobs
+from retino import models, runs
 from retino.config import TrainConfig
 from retino import fileio
 
@@ -68,7 +70,7 @@ def test_pretrained_without_weights_fails_before_caching_and_writes_no_run_dir(t
 def test_pretrained_without_weights_in_fit_fails_before_caching_and_leaves_the_folder_reusable(
         tiny_data, tmp_path, empty_hub):
     """The dashboard's trainer reaches fit() without the CLI's check: it too fails before caching."""
-    from retino.train import fit
+    from retino.training.train import fit
     run = tmp_path / "run"
     cached = _cache_entries()
     cfg = TrainConfig(data=str(tiny_data), pretrained=True, epochs=1, image_size=72, batch_size=16, workers=0)
@@ -85,7 +87,7 @@ def test_pretrained_without_weights_in_fit_fails_before_caching_and_leaves_the_f
 @pytest.mark.slow
 def test_pretrained_with_the_weights_file_in_the_hub_cache_trains_into_the_failed_run_dir(
         tiny_data, tmp_path, empty_hub):
-    from retino.train import fit
+    from retino.training.train import fit
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(tiny_data), pretrained=True, epochs=1, image_size=64, batch_size=16, workers=0)
     with pytest.raises(models.WeightsUnavailable):

@@ -1,7 +1,7 @@
 """Issue 15, run folders: nothing a kill, a full disk, a reused --run-dir or a bad resume does loses a run.
 
 Each test is named after the failure it reproduces. Kills fall deterministically between two writes
-(``RETINO_KILL_AT=<save point>:<epoch>``, see retino.lifecycle.save_point).
+(``RETINO_KILL_AT=<save point>:<epoch>``, see retino.training.lifecycle.save_point).
 """
 import errno
 import hashlib
@@ -97,7 +97,7 @@ def test_torn_last_metrics_line_is_restored_from_last_pt_on_resume(tiny_data, tm
 
 @pytest.mark.slow
 def test_full_disk_while_saving_best_pt_then_resume_once_space_is_back(tiny_data, tmp_path, straight, monkeypatch):
-    from retino import train
+    from retino.training import train
     from retino.config import TrainConfig
     real = runs.save_checkpoint
 

@@ -1,4 +1,4 @@
-"""retino.screen: a folder graded per photo and per patient, bad files as rows, resumed screens, the
+"""retino.screening.screen: a folder graded per photo and per patient, bad files as rows, resumed screens, the
 operating point, the quality gate, the CLI verb and the Screen page.
 
 Runs are freshly initialised ResNet-18s at 64 px saved as run folders (the numbers are meaningless,
@@ -19,15 +19,16 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, run_cli
 from retino import paths
-from retino import quality, runs
+from retino.inference import quality
+from retino import runs
 from retino.config import TrainConfig
 from retino.data.preprocess import load_image
 from retino.data.synthetic import degrade_photo, render_fundus
 from retino.models import build_model, normalization
-from retino.predict import predict
-from retino.screen import screen
-from retino.screen_report import ScreenError, patient_table, read_report
-from retino.screen_paths import default_report as screen_default_report
+from retino.inference.predict import predict
+from retino.screening.screen import screen
+from retino.screening.screen_report import ScreenError, patient_table, read_report
+from retino.screening.screen_paths import default_report as screen_default_report
 from retino import fileio
 
 SIZE = 64    # the runs' image size

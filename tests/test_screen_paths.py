@@ -11,10 +11,10 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO, run_cli
 from retino import paths
 from retino import runs
-from retino.screen import screen
-from retino.screen_report import ScreenError, report_paths
-from retino.screen_paths import MAX_FILES, TooManyPhotos, find_photos
-from retino.screen_paths import check_out, default_report, report_lock
+from retino.screening.screen import screen
+from retino.screening.screen_report import ScreenError, report_paths
+from retino.screening.screen_paths import MAX_FILES, TooManyPhotos, find_photos
+from retino.screening.screen_paths import check_out, default_report, report_lock
 from test_screen import fresh_run, photos as photos  # noqa: F401  (the fixture)
 from test_screen import write_photos
 from retino import fileio
@@ -72,8 +72,8 @@ def test_two_screen_processes_on_one_report_do_not_interleave(run, day, tmp_path
     out = tmp_path / "day.csv"
     holder = f"""
 import sys, time
-from retino.screen_report import report_paths
-from retino.screen_paths import report_lock
+from retino.screening.screen_report import report_paths
+from retino.screening.screen_paths import report_lock
 with report_lock(report_paths(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
@@ -188,7 +188,7 @@ def test_screen_page_answers_bad_paths_in_one_line(day, tmp_path, folder, out, e
 
 
 def test_screen_page_asks_before_a_folder_above_the_limit(photos, tmp_path, monkeypatch):
-    from retino import screen_paths
+    from retino.screening import screen_paths
     monkeypatch.setattr(screen_paths, "MAX_FILES", 2)
     fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:3]))

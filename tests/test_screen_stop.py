@@ -4,9 +4,9 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from retino import paths
-from retino.screen import screen
-from retino.screen_report import read_report
-from retino.screen_paths import default_report
+from retino.screening.screen import screen
+from retino.screening.screen_report import read_report
+from retino.screening.screen_paths import default_report
 from test_screen import GOOD, fresh_run, photos as photos  # noqa: F401  (the fixture)
 from test_screen import write_photos
 

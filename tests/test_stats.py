@@ -1,12 +1,12 @@
-"""retino.stats: the cluster bootstrap against scikit-learn, and intervals with known answers."""
+"""retino.evaluation.stats: the cluster bootstrap against scikit-learn, and intervals with known answers."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
-from retino import stats
+from retino.evaluation import stats
 from retino.data.names import parse_patient_eye
-from retino.metrics import classification_metrics
+from retino.evaluation.metrics import classification_metrics
 
 
 def _case(n_patients: int, seed: int = 0, eyes: int = 2):
@@ -63,7 +63,7 @@ def test_point_estimates_equal_sklearn(seed):
 
 
 def test_macro_f1_and_qwk_follow_retino_metrics_when_a_grade_is_missing():
-    # grade 3 absent from both lists: retino.metrics counts its F1 as 0 and keeps the true grade distances
+    # grade 3 absent from both lists: retino.evaluation.metrics counts its F1 as 0 and keeps the true grade distances
     y = np.array([0, 0, 1, 2, 4, 4, 2, 1, 0, 4])
     pred = np.array([0, 1, 1, 2, 4, 2, 2, 0, 0, 4])
     m = classification_metrics(y, pred)
@@ -262,6 +262,6 @@ def test_bad_input_names_what_was_expected(kwargs, message):
 
 
 def test_interval_text_never_writes_minus_zero():
-    from retino.stats import format_interval
+    from retino.evaluation.stats import format_interval
     assert format_interval({"value": 0.0, "lo": -0.0001, "hi": 0.001}) == "0.000 [0.000-0.001]"
     assert format_interval({"value": -0.012, "lo": -0.03, "hi": 0.004}) == "-0.012 [-0.030 to 0.004]"

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from retino.data.synthetic import (ICDR_PROPORTIONS, LESION_CODES, _pair_patients, allocate_grades,
-                                   make_dataset, render_fundus, render_fundus_info)
+from retino.data.synthetic import (ICDR_PROPORTIONS, LESION_CODES, _pair_patients, allocate_grades, make_dataset,
+                                   render_fundus, render_fundus_info)
 
 GRADE_CODES = {0: set(), 1: {1}, 2: {1, 2, 3, 4}, 3: {1, 2, 3, 4, 5}, 4: {1, 2, 3, 4, 5, 6, 7}}
 

@@ -2,7 +2,8 @@
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from retino import runs, tracking
+from retino import runs
+from retino.training import tracking
 from conftest import TINY_TRAIN, run_cli
 
 

@@ -163,7 +163,7 @@ def test_evaluate_json(trained_classify, tmp_path):
 
 
 def test_heartbeat_throttles_step_writes_but_never_loses_the_last(tmp_path, monkeypatch):
-    from retino import lifecycle
+    from retino.training import lifecycle
     writes = []
     real_write = runs.write_status
 

@@ -11,11 +11,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from retino import train
+from retino.training import train
 from retino.config import TrainConfig
 from retino.models import build_model
-from retino import loop
-from retino import splits
+from retino.training import loop
+from retino.training import splits
 
 PACKAGE = str(Path(train.__file__).parent)
 

@@ -663,7 +663,7 @@ def render_fundus(grade: int, *, eye: str = "left", size: int | tuple[int, int] 
 # ============================================================================ degraded photographs
 
 # What ``make_dataset(degraded=...)`` does to a photo that a grader would call ungradable. Each is
-# well past what the quality gate (retino.quality) accepts, so quality.csv is ground truth for it:
+# well past what the quality gate (retino.inference.quality) accepts, so quality.csv is ground truth for it:
 DEGRADATIONS = ("dark", "blurred", "overexposed", "cut_off")
 
 
