@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import feed_ranks  # tests/feed_ranks.py
-from retino.data import loaders, read_dataset
+from retino.data import read_dataset
 from retino.data.cache import CacheError, CacheStopped, build_cache
 from retino.data.feeder import CacheFeeder
 from retino.data.loaders import (CachedImages, DecodedImages, EpochBatchSampler, EpochSampler, epoch_seed,
