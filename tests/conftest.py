@@ -4,7 +4,9 @@ Two tiny trained runs (``trained_classify``, ``trained_regress``) are trained on
 shared: a test that only reads a finished run takes one; a test that writes into a run works on
 ``copy_run(...)``. Every test that uses them is marked ``slow`` here (its session trains).
 """
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,10 +50,23 @@ REGRESS_FLAGS = [*TINY_TRAIN, "--head", "regress", "--loss", "mse"]
 TRAINING_FIXTURES = {"trained_classify", "trained_regress"}
 
 
+# A test whose own body starts another Python process (the CLI, torchrun ranks, a spawn pool) pays
+# torch's import in each: seconds apiece, most of the inner loop's time. `make test` runs them all.
+_STARTS_A_PROCESS = re.compile(r"\b(run_cli|subprocess\.|Popen|torchrun|mp\.spawn|spawn_context|get_context\(\"spawn)")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if TRAINING_FIXTURES & set(item.fixturenames):
+        if TRAINING_FIXTURES & set(item.fixturenames) or _starts_a_process(item):
             item.add_marker(pytest.mark.slow)
+
+
+def _starts_a_process(item) -> bool:
+    fn = getattr(item, "function", None)
+    try:
+        return bool(fn and _STARTS_A_PROCESS.search(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
 
 
 def _train_shared(tiny_data: Path, tmp_path_factory, name: str, flags: list) -> Path:
