@@ -11,8 +11,7 @@ from PIL import Image
 from retino.data import read_dataset
 from retino.data.cache import build_cache, cache_key
 from retino.data.loaders import CachedImages, DecodedImages, EpochSampler
-from retino.data.augment import augment
-from retino.data import augment
+from retino.data import augment as aug
 
 
 def test_cached_and_uncached_give_the_same_tensors(tiny_data, tmp_path):
@@ -98,14 +97,14 @@ def test_augment_flip_and_rotation_on_batches():
     x = torch.zeros(64, 3, 32, 32)
     x[:, :, :4, :] = 1.0  # a bright band on top
     g = torch.Generator().manual_seed(0)
-    out = augment(x, "lab", g)
+    out = aug.augment(x, "lab", g)
     top = out[:, :, :6, 8:24].mean(dim=(1, 2, 3))
     bottom = out[:, :, -6:, 8:24].mean(dim=(1, 2, 3))
     flipped = bottom > top
     assert 15 < int(flipped.sum()) < 49  # vertical flip p=0.5, per image
-    assert not torch.equal(augment(x, "lab", torch.Generator().manual_seed(1)), out)
-    assert torch.equal(augment(x, "none", g), x)
-    col = augment(torch.full((8, 3, 16, 16), 0.5), "lab+color", g)
+    assert not torch.equal(aug.augment(x, "lab", torch.Generator().manual_seed(1)), out)
+    assert torch.equal(aug.augment(x, "none", g), x)
+    col = aug.augment(torch.full((8, 3, 16, 16), 0.5), "lab+color", g)
     assert col.min() >= 0 and col.max() <= 1
 
 
@@ -118,8 +117,8 @@ def test_cpu_path_equals_the_tensor_path(mode, interpolation):
               for _ in range(6)]
     u8 = torch.from_numpy(np.stack(smooth))  # (6, 48, 48, 3)
     norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    cpu = augment.cpu_input(u8, norm, mode=mode, gen=torch.Generator().manual_seed(3), interpolation=interpolation)
-    ref = augment.normalize(augment.augment(augment.to_float(u8, "cpu"), mode, torch.Generator().manual_seed(3),
+    cpu = aug.cpu_input(u8, norm, mode=mode, gen=torch.Generator().manual_seed(3), interpolation=interpolation)
+    ref = aug.normalize(aug.augment(aug.to_float(u8, "cpu"), mode, torch.Generator().manual_seed(3),
                                             interpolation), *norm)
     assert cpu.shape == ref.shape == (6, 3, 48, 48)
     assert cpu.is_contiguous(memory_format=torch.channels_last)
@@ -128,18 +127,18 @@ def test_cpu_path_equals_the_tensor_path(mode, interpolation):
         assert float(diff.max()) < 1e-5
     else:  # the uint8 warp rounds once: half a grey level, over the smallest std
         assert float(diff.max()) < 0.6 / 255 / 0.224 + 1e-4
-    rows = augment.cpu_input(list(u8.numpy()), norm, mode=mode, gen=torch.Generator().manual_seed(3),
+    rows = aug.cpu_input(list(u8.numpy()), norm, mode=mode, gen=torch.Generator().manual_seed(3),
                              interpolation=interpolation)
     assert torch.equal(rows, cpu)  # rows handed over one by one (the CPU loader) give the same batch
 
 
 def test_cpu_output_buffers_are_reused_only_when_free():
     shape = (2, 8, 8, 3)
-    first = augment.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
-    second = augment.cpu_input(torch.full(shape, 255, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    first = aug.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    second = aug.cpu_input(torch.full(shape, 255, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
     assert float(first.max()) == -1.0 and float(second.min()) == 1.0  # the first batch was not overwritten
     view = second[:, :1]
     del first, second
-    third = augment.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
+    third = aug.cpu_input(torch.zeros(shape, dtype=torch.uint8), ((0.5,) * 3, (0.5,) * 3))
     assert float(view.min()) == 1.0  # a live view keeps its buffer out of the pool
     assert float(third.max()) == -1.0
