@@ -148,7 +148,7 @@ def test_rejected_files_give_one_line_each(trained, fundus, tmp_path):
     assert [p.ok for p in preds] == [False, True, False, False, False]
     for p in (preds[0], preds[2], preds[3], preds[4]):
         assert "\n" not in p.error and Path(p.image).name in p.error and p.grade is None
-        assert p.as_dict() == {"image": p.image, "error": p.error}
+        assert p.as_dict() == {"image": p.image, "error": p.error, "status": "refer: ungraded eye"}
     assert "not an image" in preds[0].error
     assert "truncated" in preds[2].error
     assert "MP" in preds[3].error and "limit" in preds[3].error
@@ -284,7 +284,7 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path, b
     for o in out:
         assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam", "temperature",
                           "referable", "referable_score", "referable_threshold", "referable_rule", "referable_why",
-                          "quality", "warnings"}
+                          "status", "quality", "warnings"}
         assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
         assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", best_epoch)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()
@@ -296,7 +296,8 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path, b
     assert mixed.returncode == 2, mixed.stderr
     out = json.loads(mixed.stdout)
     assert [o["image"] for o in out] == [str(images[0]), str(bad), str(images[1])]
-    assert set(out[1]) == {"image", "error"} and "not an image" in out[1]["error"]
+    assert set(out[1]) == {"image", "error", "status"} and "not an image" in out[1]["error"]
+    assert out[1]["status"] == "refer: ungraded eye"  # an unreadable photo's eye is referred, never passed
     assert out[0]["cam"] is None and out[2]["grade"] in range(5)
 
     text = run_cli("predict", run_dir, images[0], bad, tmp_path / "missing.jpeg")
