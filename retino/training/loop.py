@@ -142,6 +142,7 @@ def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: Trai
     thr = torch.tensor(list(thresholds), dtype=torch.float32, device=ctx.device)
     state.to(ctx.device)
     cadence, t_last, step_last = Cadence(cfg.log_every), time.monotonic(), state.step
+    logged = state.step
     for images, labels in lifecycle.batches(loader):
         if len(labels) == 0:  # every image of the batch broke since the scan (uncached; each named once)
             continue
@@ -174,9 +175,12 @@ def train_one_epoch(model, loader, *, optimizer, scheduler, criterion, cfg: Trai
         _check_finite(state, cfg, epoch)
         if on_log:
             on_log(state)
+        logged = state.step
         if stop:
             break
     _check_finite(state, cfg, epoch)
+    if on_log and state.step != logged:  # the epoch's last steps fell between log points: one more read
+        on_log(state)
     return state
 
 

@@ -221,6 +221,7 @@ class MlflowSink:
                                    "confusion_test.png")
         from ..inference.export import export_run
         with tempfile.TemporaryDirectory(prefix="retino-mlflow-") as tmp:
-            model, info = export_run(self.run_dir, "onnx", Path(tmp))
+            # the trainer itself, after its final evaluation: its status turns "completed" only after this
+            model, info = export_run(self.run_dir, "onnx", Path(tmp), unfinished=True)
             self.client.log_artifact(self.run_id, str(model), "model")
             self.client.log_artifact(self.run_id, str(info), "model")
