@@ -72,6 +72,23 @@ def write_photos(folder: Path, photos: dict[str, np.ndarray]) -> Path:
     return folder
 
 
+def screen_page() -> AppTest:
+    """The dashboard opened on the Screen page (a run must be in the runs folder)."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/screen.py").run()
+    return at
+
+
+def start_screen(at: AppTest, folder: Path) -> AppTest:
+    """Screen ``folder`` from the page: decoded here (no worker processes), gate off, Start clicked."""
+    at.text_input(key="screen.folder").input(str(folder))
+    at.number_input(key="screen.workers").set_value(0)
+    at.toggle(key="screen.gate").set_value(False)
+    at.run()
+    return at.button(key="screen.start").click().run()
+
+
 def with_evaluation(run: Path, tmp_path: Path, **chosen) -> Path:
     """A copy of ``run`` with an evaluation.json as training writes one (temperature, operating point)."""
     copy = tmp_path / "runs" / run.name
@@ -304,16 +321,10 @@ def test_screen_page_runs_a_screen_and_offers_both_reports(photos, tmp_path):
     fresh_run(root / "20260101-000000-worse", seed=0)
     fresh_run(root / "20260101-000001-better", seed=1)  # val QWK 0.6: listed first
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:4]))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/screen.py").run()
+    at = screen_page()
     assert not at.exception, at.exception
     assert "20260101-000001-better" in at.selectbox(key="screen.run").options[0]
-    at.text_input(key="screen.folder").input(str(folder))
-    at.number_input(key="screen.workers").set_value(0)
-    at.toggle(key="screen.gate").set_value(False)
-    at.run()
-    at.button(key="screen.start").click().run()
+    start_screen(at, folder)
     assert not at.exception, at.exception
     assert not at.main.error, [e.value for e in at.main.error]
     patients, photo_table = at.dataframe[0].value, at.dataframe[1].value

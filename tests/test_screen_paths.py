@@ -16,7 +16,7 @@ from retino.screening.screen_report import ScreenError, report_paths
 from retino.screening.screen_paths import MAX_FILES, TooManyPhotos, find_photos
 from retino.screening.screen_paths import check_out, default_report, report_lock
 from test_screen import fresh_run, photos as photos  # noqa: F401  (the fixture)
-from test_screen import write_photos
+from test_screen import screen_page, start_screen, write_photos
 from retino import fileio
 
 
@@ -192,14 +192,7 @@ def test_screen_page_asks_before_a_folder_above_the_limit(photos, tmp_path, monk
     monkeypatch.setattr(screen_paths, "MAX_FILES", 2)
     fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:3]))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/screen.py").run()
-    at.text_input(key="screen.folder").input(str(folder))
-    at.number_input(key="screen.workers").set_value(0)
-    at.toggle(key="screen.gate").set_value(False)
-    at.run()
-    at.button(key="screen.start").click().run()
+    at = start_screen(screen_page(), folder)
     assert not at.exception, at.exception
     assert any("more than 2 photos" in w.value for w in at.main.warning) and not at.dataframe
     at.button(key="screen.confirm").click().run()

@@ -8,20 +8,13 @@ from retino.screening.screen import screen
 from retino.screening.screen_report import read_report
 from retino.screening.screen_paths import default_report
 from test_screen import GOOD, fresh_run, photos as photos  # noqa: F401  (the fixture)
-from test_screen import write_photos
+from test_screen import screen_page, start_screen, write_photos
 
 
 def test_screen_page_offers_stop_and_shows_progress_counts(photos, tmp_path):
     fresh_run(paths.runs_root() / "20260101-000000-run")
     folder = write_photos(tmp_path / "day", dict(list(photos.items())[:2]))
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/screen.py").run()
-    at.text_input(key="screen.folder").input(str(folder))
-    at.number_input(key="screen.workers").set_value(0)
-    at.toggle(key="screen.gate").set_value(False)
-    at.run()
-    at.button(key="screen.start").click().run()
+    at = start_screen(screen_page(), folder)
     assert not at.exception, at.exception
     assert at.button(key="screen.stop").label == "Stop"  # shown while the screen ran
     # the bar's last text before "Done" is a count; AppTest keeps the final state
