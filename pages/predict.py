@@ -16,7 +16,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 from retino import paths
 from retino.dashboard import charts, runs_view as dashboard, settings
 from retino.evaluation import compare
-from retino.inference import explain, predict
+from retino.inference import engine, explain, predict
 from retino import runs
 from retino.dashboard.text import md_text
 from retino.inference import choices
@@ -30,10 +30,17 @@ MAX_UPLOAD_MB = MAX_BYTES // 2**20  # the decoder's own limit; larger files woul
 FINE_MAP_CELLS = 8  # below this many cells a side, the page says why the map is coarse
 
 
-@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+@st.cache_resource(max_entries=4, show_spinner="Loading the model (a checkpoint's first use also converts it "
+                                                 "for ONNX Runtime, once)…")
 def load_model(run_dir: str, stamp: tuple):
-    """The run's best checkpoint, shared across sessions; a rewritten checkpoint has a new stamp."""
-    return load_trained(run_dir)
+    """The run's best checkpoint, shared across sessions; a rewritten checkpoint has a new stamp.
+
+    Lazy: grading runs on the engine (ONNX Runtime on a CPU), and the PyTorch network is built
+    when a Grad-CAM map first asks for it.
+    """
+    trained = load_trained(run_dir, lazy=True)
+    engine.get(trained, "auto")
+    return trained
 
 
 @st.cache_data(max_entries=64, show_spinner=False)  # a Prediction holds a photo of up to 1024 px
@@ -216,6 +223,8 @@ def show_map(trained, run_key, pred, digest, method, target, contrast, opacity) 
         g2.caption(f"Probabilities calibrated (temperature {pred.temperature:.2f}, chosen on "
                    f"{trained.selected_on or 'val'})." if pred.temperature else
                    "Probabilities not calibrated: no temperature applies to this checkpoint (see the note above).")
+    g2.caption(f"Graded by {engine.describe(engine.get(trained, 'auto').info())}; maps drawn by PyTorch (they "
+               "need its gradients).")
 
 
 def referral_line(pred, trained) -> str:

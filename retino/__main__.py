@@ -75,10 +75,8 @@ def cmd_train(args) -> int:
     if getattr(args, "mlflow", None):  # the trainer (this process or its children) reads the environment
         os.environ["MLFLOW_TRACKING_URI"] = args.mlflow
     from .training import admission
-    import torch
     from . import runs
     from .config import config_from_args
-    from .data import read_dataset
     from .models import WeightsUnavailable, check_weights
     from .training.train import fit
     from .training.loop import TrainingError
@@ -105,10 +103,10 @@ def cmd_train(args) -> int:
             check_weights(cfg.arch, pretrained=cfg.pretrained, weights_path=cfg.weights or None)
         except WeightsUnavailable as e:
             raise UserError(str(e))
+        _check_device_and_data(cfg)  # before the run folder is made: a bad data set leaves no empty folder
         run_dir = admission.fresh_run_dir(args, cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
-    read_dataset(cfg.data)  # a bad data set is one line before any process, folder write or cache
+    if args.resume:
+        _check_device_and_data(cfg)
     if changed:
         runs.update_config(run_dir, cfg.to_dict(), changed)
     try:
@@ -126,6 +124,15 @@ def cmd_train(args) -> int:
         print(f"{run_dir}: best epoch {best['epoch']} by val QWK {best['val_qwk']:.4f}; "
               f"test: python -m retino evaluate {run_dir}", file=sys.stderr)
     return 0
+
+
+def _check_device_and_data(cfg) -> None:
+    """A missing GPU or a bad data set is one line before any process, folder write or cache."""
+    import torch
+    from .data import read_dataset
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    read_dataset(cfg.data)
 
 
 def _train_preset(args) -> int:
@@ -290,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quality-gate", action="store_true",
                    help="grade every readable photo, also those the quality gate finds not to be a fundus "
                         "(their verdict is still reported)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what runs the network: auto (default) is ONNX Runtime on a CPU, PyTorch on a GPU; "
+                        "Grad-CAM maps are always PyTorch's")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a run's best model as ONNX or TorchScript, with a JSON of its "
@@ -331,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding processes (default: CPU cores - 2, none for under 32 photos; 0: none)")
     p.add_argument("--no-quality-gate", action="store_true", help="grade photos the quality gate calls not a fundus")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what runs the network: auto (default) is ONNX Runtime on the CPU, PyTorch on a GPU")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_screen)

@@ -123,16 +123,23 @@ def cmd_predict(args) -> int:
         _check_cam_method(args.cam_method, "--cam-method")
         if cam_dir.exists() and not cam_dir.is_dir():  # found now, not after grading everything
             raise UserError(f"--cam-dir {cam_dir}: exists and is not a folder")
-    trained = load_trained(args.run_dir)
+    from .inference import engine
+    trained = load_trained(args.run_dir, lazy=True)  # a cached ONNX model grades without the PyTorch network
+    try:
+        runner = engine.get(trained, args.engine) if not cam_dir else None  # maps: PyTorch's gradients
+    except engine.EngineError as e:
+        raise UserError(str(e)) from None
     preds = predict(trained, args.images, tta=args.tta, quality_gate=not args.no_quality_gate,
-                    cam=args.cam_method if cam_dir else None)
+                    cam=args.cam_method if cam_dir else None, engine=args.engine)
     cams = _write_cams(preds, cam_dir) if cam_dir else {}
-    source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch}
+    used = runner.info() if runner is not None else engine.TorchEngine(trained.model).info()
+    source = {"run": str(trained.run_dir), "checkpoint": trained.checkpoint, "epoch": trained.epoch,
+              "engine": used["engine"], "engine_version": used["version"]}
     if args.json:
         _print_json([{**p.as_dict(), **source, "cam": cams.get(i)} if p.ok else p.as_dict()
                      for i, p in enumerate(preds)])
     else:
-        print(_predict_header(trained), file=sys.stderr)
+        print(_predict_header(trained) + f"\ngraded with {engine.describe(used)}", file=sys.stderr)
         for i, p in enumerate(preds):
             print(_predict_line(p, cams.get(i)))
     for p in preds:  # e.g. unreadable EXIF: each line names its file
@@ -177,6 +184,7 @@ def cmd_screen(args) -> int:
     from .training import admission
     from .screening.screen import ScreenError, screen
     from .screening.screen_paths import MAX_FILES
+    from .inference.engine import describe
     if args.max_files is not None and args.max_files < 1:
         raise UserError(f"--max-files must be a whole number >= 1, got {args.max_files}")
     limit = None if args.yes else (args.max_files if args.max_files is not None else MAX_FILES)
@@ -184,7 +192,7 @@ def cmd_screen(args) -> int:
         result = screen(admission.user_path(args.run_dir, "RUN_DIR"), admission.user_path(args.folder, "FOLDER"),
                         admission.user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
                         workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
-                        progress=not args.quiet, max_files=limit)
+                        engine=args.engine, progress=not args.quiet, max_files=limit)
     except ScreenError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -200,5 +208,6 @@ def cmd_screen(args) -> int:
     print(f"{s['patients']} patients, {s['patients_to_refer']} to refer: {s['referable_patients']} referable, "
           f"{s['ungraded_patients']} refer: ungraded eye (an eye not graded or ungradable)")
     print(f"referable when {s['threshold_source']}")
+    print(f"graded with {describe(s['engine'])}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import choices, trained as inference, ood, quality
+from . import choices, engine as engines, trained as inference, ood, quality
 from ..evaluation import metrics
 from ..data.augment import normalize
 
@@ -80,29 +80,12 @@ def tta_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(views)
 
 
-def _forward(trained: inference.Trained, x: torch.Tensor, features: bool):
-    """Outputs (N, K) and, with ``features``, the penultimate features (N, d) from the same pass.
-
-    The features are ``fc``'s input, caught by a hook: the pass is the model's own call, so a
-    BatchNorm-fused copy (Screen's) gives them as well. The hook lives under the model's lock.
-    """
-    model = trained.model
-    caught = []
-    with inference.model_lock(model), torch.inference_mode():
-        model.eval()
-        hook = model.fc.register_forward_pre_hook(lambda _m, inp: caught.append(inp[0])) if features else None
-        try:
-            out = model(normalize(x, *trained.norm)).float()
-        finally:
-            if hook is not None:
-                hook.remove()
-    return out.cpu().numpy().astype(np.float64), (torch.flatten(caught[0], 1).float().cpu().numpy() if features
-                                                  else None)
-
-
 def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = False, refuse: bool = True,
-          channels_last: bool = False, cam: str | None = None) -> list[Answer]:
+          engine: str = "auto", fast: bool = False, cam: str | None = None) -> list[Answer]:
     """Answers for a batch of prepared photos, in order: one forward pass (TTA views included).
+
+    ``engine``: what runs the network (:func:`retino.inference.engine.get`: ONNX Runtime on a CPU by
+    default); ``fast``: PyTorch's BatchNorm-folded copy where PyTorch runs it (Screen's batches).
 
     ``refuse``: a photo the gate calls not a fundus is not graded. Where the run has an OOD model,
     its view (from the unaugmented pass) is part of every graded photo's verdict.
@@ -119,12 +102,11 @@ def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = Fals
     todo = [i for i, a in enumerate(answers) if a.refused is None]
     if not todo:
         return answers
-    device = inference.device_of(trained)
+    runner = None if cam is not None and not tta else engines.get(trained, engine, fast=fast)
+    device = getattr(runner, "device", None) or inference.device_of(trained)  # ONNX Runtime's: the CPU
     x = inference.unit_input(np.stack([batch[i].seen for i in todo]), device)  # (B, 3, S, S) in [0, 1]
     if tta:
         x = tta_views(x)  # (V*B, 3, S, S); the first B rows are the photos themselves
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     b = len(todo)
     heat = None
     if cam is not None:
@@ -136,7 +118,7 @@ def grade(trained: inference.Trained, batch: list[Prepared], *, tta: bool = Fals
         out = cam_out.cpu().numpy().astype(np.float64)
         feats = caught[0].cpu().numpy() if caught else None
     else:
-        out, feats = _forward(trained, x, trained.ood is not None)
+        out, feats = runner.run(normalize(x, *trained.norm), trained.ood is not None)
     out = out.reshape(-1, b, out.shape[-1])  # (V, B, K)
     head = trained.config.head
     if head == "regress":

@@ -127,7 +127,8 @@ def fill(pred: Prediction, answer: grading.Answer, trained: inference.Trained) -
 
 
 def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "best.pt", batch_size: int = 8,
-            quality_gate: bool = True, progress=None, cam: str | None = None) -> list[Prediction]:
+            quality_gate: bool = True, progress=None, cam: str | None = None,
+            engine: str = "auto") -> list[Prediction]:
     """Grade photographs with a run's model, through the one grading path (:func:`retino.inference.grading.grade`).
 
     Args:
@@ -140,7 +141,10 @@ def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "bes
             False grades every decodable photo. Either way ``quality`` holds the verdict; where the
             run has an OOD model (``ood.npz``) the model's view, from the grading pass itself, is in it.
         progress: called ``(done, total)`` after each batch (the Predict page's bar).
-        cam: a CAM method: each graded photo's ``heatmap`` from the grading pass itself.
+        cam: a CAM method: each graded photo's ``heatmap`` from the grading pass itself (PyTorch's: a
+            map needs gradients).
+        engine: what runs the network otherwise: ``auto`` (ONNX Runtime on a CPU, PyTorch on a GPU),
+            ``torch`` or ``onnx`` (:mod:`retino.inference.engine`).
 
     Returns:
         One :class:`Prediction` per input, in order; a rejected input has ``error`` set and no grade.
@@ -154,7 +158,8 @@ def predict(run_or_trained, images, *, tta: bool = False, checkpoint: str = "bes
         loaded = [load(src, trained, inference.input_name(src, start + k), measure=True)
                   for k, src in enumerate(images[start:start + batch_size])]
         good = [(p, prep) for p, prep in loaded if prep is not None]
-        answers = grading.grade(trained, [prep for _, prep in good], tta=tta, refuse=quality_gate, cam=cam)
+        answers = grading.grade(trained, [prep for _, prep in good], tta=tta, refuse=quality_gate, cam=cam,
+                                engine=engine)
         for (p, _), answer in zip(good, answers):
             fill(p, answer, trained)
         preds += [p for p, _ in loaded]

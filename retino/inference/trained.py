@@ -40,9 +40,13 @@ _LOCKS_GUARD = threading.Lock()
 
 @dataclass
 class Trained:
-    """A model ready for inference, with what it was trained with (never today's widget values)."""
+    """A model ready for inference, with what it was trained with (never today's widget values).
 
-    model: torch.nn.Module
+    ``model`` is built on first use when the run was loaded lazily (:func:`load_trained`): grading
+    through a cached ONNX model never needs the PyTorch network, nor torchvision to build it.
+    """
+
+    _model: torch.nn.Module | None
     config: TrainConfig
     norm: tuple  # (mean, std)
     thresholds: list
@@ -54,11 +58,30 @@ class Trained:
     selected_on: str | None = None       # "val", or "test" for a run made before the val split
     ood: dict | None = None              # retino.inference.ood.fit_run_ood's model (ood.npz), or None
     notes: list = field(default_factory=list)  # choices missing or stale, and how to make them
+    build: object = field(default=None, repr=False, compare=False)  # () -> nn.Module, for a lazy model
+    device: torch.device | None = field(default=None, repr=False, compare=False)  # where the model is (lazy)
+    engines: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # retino.inference.engine.get's
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None and self.build is not None:
+            with self._lock:  # two Streamlit sessions asking at once build it once
+                if self._model is None:
+                    self._model = self.build()
+        return self._model
+
+    @model.setter
+    def model(self, value: torch.nn.Module) -> None:
+        self._model = value
 
 
-def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> Trained:
+def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu", *, lazy: bool = False) -> Trained:
     """Build the run's architecture and load its checkpoint (weights_only: no pickled code runs), with
     the run's choices for it (:func:`retino.inference.choices.read_choices`: every file read once and checked).
+
+    ``lazy``: build the network on first use of ``.model`` (an ONNX engine whose model is cached never
+    asks); a checkpoint whose weights do not fit the architecture then fails at that use.
 
     Raises:
         RunError: the run folder does not exist, the checkpoint is missing or not Retino's, or a run
@@ -69,13 +92,20 @@ def load_trained(run_dir, checkpoint: str = "best.pt", device: str = "cpu") -> T
         raise runs.RunError(f"{run_dir}: the run folder does not exist")
     ckpt = runs.load_checkpoint(run_dir / checkpoint)
     ch = choices.read_choices(run_dir, checkpoint, ckpt=ckpt)
-    try:
-        model = build_model(ch.config.arch, pretrained=False, head=ch.config.head)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load ({e})") from None
-    model.to(device).eval()
-    return from_choices(model, ch)
+
+    def build() -> torch.nn.Module:
+        try:
+            model = build_model(ch.config.arch, pretrained=False, head=ch.config.head)
+            model.load_state_dict(ckpt["model"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load ({e})") from None
+        return model.to(device).eval()
+
+    if "model" not in ckpt or not isinstance(ckpt["model"], dict):
+        raise runs.RunError(f"{run_dir / checkpoint}: does not hold a model Retino can load (no 'model' weights)")
+    trained = from_choices(None if lazy else build(), ch)
+    trained.build, trained.device = build, torch.device(device)
+    return trained
 
 
 def from_choices(model: torch.nn.Module, ch: choices.Choices) -> Trained:
@@ -104,7 +134,7 @@ def as_trained(run_or_model, checkpoint: str = "best.pt") -> Trained:
         regress = getattr(getattr(run_or_model, "fc", None), "out_features", 5) == 1
         cfg = TrainConfig(head="regress" if regress else "classify", loss="mse" if regress else "ce")
         return Trained(run_or_model, cfg, normalization(cfg.arch, False), list(DEFAULT_THRESHOLDS), 0, Path("."))
-    if hasattr(run_or_model, "model") and hasattr(run_or_model, "config"):
+    if isinstance(run_or_model, Trained):
         return run_or_model
     raise TypeError(f"expected a run folder or a retino.inference.trained.Trained, got {type(run_or_model).__name__}")
 
@@ -269,6 +299,9 @@ def forward_features(trained: Trained, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def device_of(trained: Trained) -> torch.device:
+    """Where the model runs; a lazy model's device is known without building it."""
+    if trained._model is None and trained.device is not None:
+        return trained.device
     return next(trained.model.parameters()).device
 
 

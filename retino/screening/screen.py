@@ -30,18 +30,17 @@ operating point chosen on val; without one, P >= 0.5, or the run's own cut point
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import signal
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import pandas as pd
 import torch
 
-from ..inference import grading, trained as inference
+from ..inference import engine as engines, grading, trained as inference
 from ..config import TrainConfig
 from ..data import ImageError
 from ..data._spawn import spawn_context
@@ -72,6 +71,7 @@ class ScreenResult:
     new: int                    # photos graded (or rejected) by this call
     skipped: int                # photos already in the report
     complete: bool              # False when stopped before the end
+    engine: dict | None = None  # what ran the network (retino.inference.engine's info: name, version, threads)
 
     def summary(self) -> dict:
         """Counts and paths, JSON-safe: what the CLI prints and the page shows."""
@@ -87,7 +87,8 @@ class ScreenResult:
                 "ungraded_patients": int(status.get(REFER_UNGRADED, 0)),  # refer: an eye Retino did not grade
                 "patients_to_refer": int(status.get(REFER, 0) + status.get(REFER_UNGRADED, 0)),
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
-                "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete}
+                "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete,
+                "engine": self.engine}
 
 
 # ----------------------------------------------------------------------------- the photos
@@ -169,23 +170,14 @@ def default_workers(n_photos: int | None = None) -> int:
 # ----------------------------------------------------------------------------- grading (this process)
 
 def inference_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy for batched inference: BatchNorm folded into the convolutions, channels_last.
-
-    Same outputs to float rounding; the shared model is not touched. On a 2-core CPU at 512 px the
-    two together make a ResNet-18's forward 2-3x faster than predict's plain model (bench/screen.py).
-    """
-    model = model if not model.training else copy.deepcopy(model).eval()
-    try:
-        from torch.fx.experimental.optimization import fuse
-        fast = fuse(model)  # a copy (inplace=False)
-    except Exception:  # noqa: BLE001 - fx cannot trace every model; the fusion is only a speed-up
-        fast = copy.deepcopy(model)
-    return fast.to(memory_format=torch.channels_last).eval()
+    """PyTorch's copy for batched inference (:func:`retino.inference.engine.fast_copy`): BatchNorm folded
+    into the convolutions, channels_last; on a 2-core CPU at 512 px 2-3x predict's plain model (bench/screen.py)."""
+    return engines.fast_copy(model)
 
 
 # ----------------------------------------------------------------------------- the screen
 
-def _rows(batch: list, trained: inference.Trained, *, tta: bool, gate: bool) -> list[dict]:
+def _rows(batch: list, trained: inference.Trained, *, tta: bool, gate: bool, engine: str) -> list[dict]:
     """Report rows for one batch of ``((image, path), prepared)``, in order, through the one grading path."""
     rows: list[dict | None] = [None] * len(batch)
     graded = [i for i, (_, prep) in enumerate(batch) if "error" not in prep]
@@ -193,7 +185,7 @@ def _rows(batch: list, trained: inference.Trained, *, tta: bool, gate: bool) -> 
         if "error" in prep:
             rows[i] = error_row(image, prep["error"])
     answers = grading.grade(trained, [batch[i][1]["prepared"] for i in graded], tta=tta, refuse=gate,
-                            channels_last=True)
+                            engine=engine, fast=True)
     for i, a in zip(graded, answers):
         image, path = batch[i][0]
         q = a.quality or {}
@@ -237,8 +229,8 @@ def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **option
 
 
 def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: bool = False,
-            workers: int | None = None, quality_gate: bool = True, device: str = "cpu", on_progress=None,
-            progress: bool = False, stop=None) -> ScreenResult:
+            workers: int | None = None, quality_gate: bool = True, device: str = "cpu", engine: str = "auto",
+            on_progress=None, progress: bool = False, stop=None) -> ScreenResult:
     """Grade every photograph under ``folder`` with a run; write the photo and patient reports.
 
     Args:
@@ -249,6 +241,8 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
         batch_size: photos a forward pass.
         tta: average over ``grading.tta_views`` (4x the work).
         workers: decoding processes (0: decode here; None: :func:`default_workers` for the folder).
+        engine: what runs the network: ``auto`` (ONNX Runtime on a CPU, PyTorch on a GPU), ``torch`` or
+            ``onnx`` (:mod:`retino.inference.engine`); recorded in the report's JSON.
         quality_gate: run ``retino.inference.quality.assess``: ``not_fundus`` photos are not graded,
             ``ungradable`` ones are, with the reasons beside the grade.
         on_progress: called ``(done, total)`` after each batch's rows are written; an exception it
@@ -271,8 +265,12 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     photos, problems = found if found is not None else find_photos(folder)
     run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
-    trained = inference.load_trained(run, device=device) if isinstance(run, (str, os.PathLike)) \
+    trained = inference.load_trained(run, device=device, lazy=True) if isinstance(run, (str, os.PathLike)) \
         else inference.as_trained(run)
+    try:
+        runner = engines.get(trained, engine, fast=True)  # made (an ONNX export, checked) before any photo
+    except engines.EngineError as e:
+        raise ScreenError(str(e)) from None
     temperature = float(trained.temperature or 1.0)
     cut, source = inference.referral(trained)
     if trained.notes:
@@ -285,7 +283,6 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     fresh_problems = [r for r in problems if r["image"] not in done]
     total, finished, complete = len(todo) + len(fresh_problems), 0, True
     workers = default_workers(len(todo)) if workers is None else int(workers)
-    fast = replace(trained, model=inference_model(trained.model))
     chunk = max(1, min(8, batch_size // max(1, 2 * workers)))
     appender = Appender(paths[0])
     bar = None
@@ -302,7 +299,7 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
                 batch.append(item)
                 if len(batch) < batch_size and finished + len(batch) < total:
                     continue
-                appender.write(_rows(batch, fast, tta=tta, gate=quality_gate))
+                appender.write(_rows(batch, trained, tta=tta, gate=quality_gate, engine=engine))
                 finished += len(batch)
                 batch = []
                 if bar is not None:
@@ -321,6 +318,6 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     write_table(paths[0], table)
     write_table(paths[1], patients)
     result = ScreenResult(paths[0], paths[1], paths[2], table, patients, cut, source, temperature,
-                          finished, len(photos) + len(problems) - total, complete)
+                          finished, len(photos) + len(problems) - total, complete, runner.info())
     fileio.write_json(paths[2], {"key": key, "summary": result.summary()})
     return result
