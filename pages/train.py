@@ -30,6 +30,12 @@ def split_sizes(path: str, fingerprint: tuple) -> dict:
     return read_dataset(path).describe()["sizes"]
 
 
+# Ten minutes: long enough not to re-time on every rerun of the form, short enough to follow the machine's load.
+@st.cache_data(show_spinner="Timing a few training steps on this machine...", ttl=600, max_entries=16)
+def probe_rate(arch: str, image_size: int) -> float:
+    return plan.probe_images_per_s(arch, image_size)
+
+
 def apply_preset() -> None:
     """Fill the form's widgets with the chosen preset (its first run's values where runs differ)."""
     name = st.session_state["train.preset"]
@@ -103,7 +109,8 @@ def before_start(data_path: Path) -> int | None:
         return len(configs)
     if cpu:
         n_eval = sizes.get("val", 0) + sizes.get("test", 0)
-        seconds, source = plan.estimate(cpu, sizes.get("train", 0), n_eval, runs.list_runs())
+        seconds, source = plan.estimate(cpu, sizes.get("train", 0), n_eval, runs.list_runs(),
+                                        probe=probe_rate)
         st.caption(f"On this CPU: {plan.duration_text(seconds)} for {len(cpu)} run{'s' if len(cpu) > 1 else ''} "
                    f"({sizes.get('train', 0):,} training images x {cpu[0].epochs} epochs), from {source}; "
                    "the first run on a data set also builds its image cache. Once a run starts, its card's "

@@ -253,7 +253,30 @@ def test_lab_preset_without_weights_says_so_before_starting(data_in_use, runs_di
     assert [(c.arch, c.pretrained) for c in launched] == [("resnet18", False), ("resnet18", True), ("resnet50", False)]
 
 
-def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launched, weights_on_disk):
+@pytest.fixture
+def probe(monkeypatch):
+    """This machine's training rates as the Train page's probe would time them, fixed so the estimate can be
+    checked to the second; the probe itself is timed for real in test_dashboard.py. Records its calls."""
+    import streamlit as st
+    from retino.dashboard import plan
+
+    rates = {"resnet18": 7.0, "resnet50": 2.0}
+    calls = []
+
+    def timed(arch, image_size):
+        calls.append((arch, image_size))
+        if arch not in rates:
+            raise RuntimeError("the probe could not build the model")
+        return rates[arch] * (plan.PROBE_SIZE / image_size) ** 2
+
+    st.cache_data.clear()   # a rate cached by an earlier test would hide the calls
+    monkeypatch.setattr(plan, "probe_images_per_s", timed)
+    timed.rates, timed.calls = rates, calls
+    yield timed
+    st.cache_data.clear()
+
+
+def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launched, weights_on_disk, probe):
     from retino.dashboard import plan
     at = app("pages/train.py")
     at.sidebar.selectbox(key="train.preset").select("lab-report").run()
@@ -261,11 +284,32 @@ def test_form_says_how_long_the_runs_take_on_a_cpu(data_in_use, runs_dir, launch
     at.button(key="train.start").click().run()  # the form's values are submitted; the note is drawn again
     sizes = read_dataset(data_in_use).describe()["sizes"]  # train, val, test
     n_train, n_eval = sizes["train"], sizes["val"] + sizes["test"]
-    # 10 epochs at 512 px, from the measured 2-core CPU rates (BENCHMARKS.md)
-    per_epoch = {a: n_train / r + n_eval / (plan.EVAL_SPEEDUP * r) for a, r in (("resnet18", 3.9), ("resnet50", 1.3))}
+    # 10 epochs at 512 px, at the rates this machine was timed at just now (no finished run here yet)
+    rate = {a: r * (plan.PROBE_SIZE / 512) ** 2 for a, r in probe.rates.items()}
+    per_epoch = {a: n_train / r + n_eval / (plan.EVAL_SPEEDUP * r) for a, r in rate.items()}
     expected = plan.duration_text(2 * 10 * (per_epoch["resnet18"] + per_epoch["resnet50"]))
     note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
-    assert f"On this CPU: {expected} for 4 runs" in note and "BENCHMARKS.md" in note
+    assert f"On this CPU: {expected} for 4 runs" in note and "timed on this machine just now" in note, note
+    assert "BENCHMARKS.md" not in note and {("resnet18", 512), ("resnet50", 512)} <= set(probe.calls)
+
+
+def test_item3_estimate_falls_back_to_the_reference_cpu_when_the_probe_fails(data_in_use, runs_dir, launched,
+                                                                             weights_on_disk, probe):
+    from retino.dashboard import plan
+    del probe.rates["resnet50"]
+    at = app("pages/train.py")
+    at.sidebar.selectbox(key="train.preset").select("lab-report").run()
+    at.selectbox(key="cfg.device").set_value("cpu")
+    at.button(key="train.start").click().run()
+    assert not at.exception
+    note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
+    sizes = read_dataset(data_in_use).describe()["sizes"]
+    n_train, n_eval = sizes["train"], sizes["val"] + sizes["test"]
+    r18 = probe.rates["resnet18"] * (plan.PROBE_SIZE / 512) ** 2
+    per_epoch = {a: n_train / r + n_eval / (plan.EVAL_SPEEDUP * r) for a, r in (("resnet18", r18), ("resnet50", 1.3))}
+    expected = plan.duration_text(2 * 10 * (per_epoch["resnet18"] + per_epoch["resnet50"]))
+    assert f"On this CPU: {expected} for 4 runs" in note, note
+    assert "resnet18 timed on this machine" in note and "BENCHMARKS.md" in note
 
 
 def test_train_page_shows_whether_weights_are_offline(data_in_use, runs_dir, monkeypatch):
@@ -459,7 +503,8 @@ def test_item2_train_cards_name_the_split_of_every_figure(data_in_use, runs_dir,
     assert "val accuracy" in labels and "val QWK" in labels and "test accuracy" not in labels
 
 
-def test_item3_lab_preset_button_and_estimate_count_the_same_runs(data_in_use, runs_dir, launched, weights_on_disk):
+def test_item3_lab_preset_button_and_estimate_count_the_same_runs(data_in_use, runs_dir, launched, weights_on_disk,
+                                                                  probe):
     weights_on_disk.have = {"resnet18"}
     at = app("pages/train.py")
     at.sidebar.selectbox(key="train.preset").select("lab-report").run()
@@ -470,13 +515,14 @@ def test_item3_lab_preset_button_and_estimate_count_the_same_runs(data_in_use, r
     assert len(launched) == 3
 
 
-def test_item3_estimate_uses_this_machines_last_run(data_in_use, runs_dir, trained_run):
+def test_item3_estimate_uses_this_machines_last_run(data_in_use, runs_dir, trained_run, probe):
     add_run(trained_run, runs_dir, "measured")  # a finished CPU run of resnet18 at 64 px, with its images/s
     at = app("pages/train.py")
     at.selectbox(key="cfg.device").set_value("cpu")
     at.button(key="train.start").click().run()
     note = next(c.value for c in at.sidebar.caption if c.value.startswith("On this CPU"))
     assert "this machine reached in `measured`" in note and "BENCHMARKS.md" not in note
+    assert not [c for c in probe.calls if c[0] == "resnet18"]   # a finished run of the model here wins over timing it again
 
 
 def test_item4_stopped_card_says_where_resume_continues(data_in_use, runs_dir, trained_run):

@@ -4,6 +4,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from retino.dashboard import runs_view as dashboard, plan
 from retino import runs
@@ -172,6 +173,38 @@ def test_item3_estimates_come_from_what_this_machine_measured(tmp_path):
     assert seconds == pytest.approx(3 * (400 / 4.0 + 90 / (plan.EVAL_SPEEDUP * 4.0))) and "`r18`" in said
     seconds, said = plan.estimate([TrainConfig(arch="resnet50", image_size=224, epochs=1)], 62, 0, infos)
     assert seconds == pytest.approx(10.0) and "BENCHMARKS.md" in said and "no finished run" in said
+
+
+def test_item3_probe_times_real_training_steps_and_scales_to_the_run_size(monkeypatch):
+    ticks = iter(range(1000))
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.5 * next(ticks))   # every step takes half a second
+    calls = []
+    real_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (calls.append(self.item()),
+                                                                         real_backward(self, *a, **k))[1])
+    rate = plan.probe_images_per_s("resnet18", 2 * plan.PROBE_SIZE, steps=2, batch=2)
+    assert rate == pytest.approx(2 / 0.5 / 4)   # 2 images a half-second step, a quarter of the pixels' rate
+    assert len(calls) == 3 and all(math.isfinite(c) and c > 0 for c in calls)   # one untimed step, two timed
+
+
+def test_item3_estimate_takes_the_probe_when_no_run_was_measured(tmp_path):
+    infos = [_cpu_run(tmp_path, "r18", arch="resnet18", size=128, rate=4.0)]
+    asked = []
+
+    def probe(arch, size):
+        asked.append((arch, size))
+        if arch == "resnet50":
+            raise RuntimeError("no memory")
+        return 3.0
+
+    cfgs = [TrainConfig(arch="resnet18", image_size=128, epochs=1), TrainConfig(arch="resnet50", image_size=224,
+                                                                                epochs=1)]
+    seconds, said = plan.estimate(cfgs, 60, 0, infos, probe=probe)
+    assert asked == [("resnet50", 224)]   # the measured run answers for resnet18
+    assert seconds == pytest.approx(60 / 4.0 + 60 / 6.2) and "`r18`" in said and "BENCHMARKS.md" in said
+    seconds, said = plan.estimate(cfgs[1:], 60, 0, [], probe=lambda arch, size: 3.0)
+    assert seconds == pytest.approx(20.0) and "resnet50 timed on this machine just now" in said
+    assert "BENCHMARKS.md" not in said
 
 
 def test_item3_the_button_counts_what_start_launches(monkeypatch):

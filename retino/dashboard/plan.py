@@ -78,6 +78,41 @@ def measured_images_per_s(arch: str, image_size: int, infos) -> tuple[float, str
     return None
 
 
+PROBE_SIZE = 128   # px: the probe's images; its rate is scaled to the run's size by pixel count
+
+
+def probe_images_per_s(arch: str, image_size: int, *, steps: int = 3, batch: int = 4) -> float:
+    """Training images/s of ``arch`` on this CPU now: ``steps`` timed forward-backward-update steps on
+    random ``PROBE_SIZE`` images (after one untimed), scaled to ``image_size`` by pixel count.
+
+    A fresh machine has no finished run to learn from, and the reference CPU's figures say nothing of
+    this machine's cores or of what else runs on it (a demo estimated at 3 min from them took 50 on a
+    loaded machine). The median step is used, so one stall does not decide it. Decoding and
+    augmentation are not in it: the live ETA, once the run starts, counts them too.
+    """
+    import time
+
+    import torch
+
+    from ..models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, 3, PROBE_SIZE, PROBE_SIZE), torch.randint(0, 5, (batch,))
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:   # the first step pays for allocation and kernel selection
+            times.append(time.perf_counter() - start)
+    step = sorted(times)[len(times) // 2]
+    return batch / step * (PROBE_SIZE / image_size) ** 2
+
+
 def cpu_seconds(cfg: TrainConfig, n_train: int, n_eval: int, rate: float | None = None) -> float:
     """Seconds ``cfg`` takes on a CPU: every epoch trains on ``n_train`` images and evaluates ``n_eval``
     (val and test; the trainer evaluates both each epoch). ``rate``: training images/s, measured on this
@@ -86,19 +121,34 @@ def cpu_seconds(cfg: TrainConfig, n_train: int, n_eval: int, rate: float | None 
     return cfg.epochs * (n_train / rate + n_eval / (EVAL_SPEEDUP * rate))
 
 
-def estimate(configs: list[TrainConfig], n_train: int, n_eval: int, infos) -> tuple[float, str]:
-    """Seconds ``configs`` take one after another on this CPU, and where the rates come from, in words."""
-    seconds, measured, reference = 0.0, set(), False
+def estimate(configs: list[TrainConfig], n_train: int, n_eval: int, infos, probe=None) -> tuple[float, str]:
+    """Seconds ``configs`` take one after another on this CPU, and where the rates come from, in words.
+
+    A rate comes from, in order: the newest finished CPU run of the model here (its whole loop, decoding
+    included); ``probe(arch, image_size)`` (:func:`probe_images_per_s`, or a cached wrapper of it)
+    measuring this machine now; the reference CPU's figures where there is no probe or it fails.
+    """
+    seconds, measured, probed, reference = 0.0, set(), set(), False
     for cfg in configs:
         found = measured_images_per_s(cfg.arch, cfg.image_size, infos)
+        rate = found[0] if found else None
         if found:
             measured.add(found[1])
-        else:
+        elif probe is not None:
+            try:
+                rate = float(probe(cfg.arch, cfg.image_size))
+                probed.add(cfg.arch)
+            except Exception:  # noqa: BLE001 - an estimate must never stop the form; the reference stands in
+                rate = None
+        if rate is None:
             reference = True
-        seconds += cpu_seconds(cfg, n_train, n_eval, found[0] if found else None)
+        seconds += cpu_seconds(cfg, n_train, n_eval, rate)
     parts = []
     if measured:
         parts.append(f"the images/s this machine reached in {', '.join(f'`{m}`' for m in sorted(measured))}")
+    if probed:
+        parts.append(f"a few training steps of {', '.join(sorted(probed))} timed on this machine just now "
+                     "(image decoding not included, so the real run is somewhat slower)")
     if reference:
         parts.append(f"the {SOURCE} (no finished run of that model here yet; a loaded machine is slower)")
     return seconds, " and ".join(parts)
