@@ -284,7 +284,8 @@ def test_cli_predict_json_and_exit_codes(run_dir, synth_dir, fundus, tmp_path, b
     for o in out:
         assert set(o) == {"image", "grade", "grade_name", "probs", "run", "checkpoint", "epoch", "cam", "temperature",
                           "referable", "referable_score", "referable_threshold", "referable_rule", "referable_why",
-                          "status", "quality", "warnings"}
+                          "status", "quality", "warnings", "engine", "engine_version"}
+        assert o["engine"] == "torch" and o["engine_version"] == torch.__version__   # maps need PyTorch's gradients
         assert o["grade"] in range(5) and len(o["probs"]) == 5 and o["grade_name"] == GRADE_INFO[o["grade"]]["name"]
         assert (o["run"], o["checkpoint"], o["epoch"]) == (str(run_dir), "best.pt", best_epoch)
         assert Path(o["cam"]).name == Path(o["image"]).stem + "_cam.png" and Path(o["cam"]).is_file()
