@@ -102,15 +102,18 @@ class Ranks:
     Every rank must call :meth:`gather` with the same tags in the same order.
     """
 
-    def __init__(self, stall_s: float | None = None):
+    def __init__(self, store=None, rank: int | None = None, world: int | None = None, stall_s: float | None = None):
+        """``store``: torchrun's (found through its environment) unless given, as tests give theirs."""
         import torch.distributed as dist
-        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
         self.stall_s = STALL_S if stall_s is None else stall_s
-        try:
-            store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world))
-        except Exception as e:  # noqa: BLE001 - no store: say so in one line
-            raise ScreenError(f"rank {self.rank} of {self.world}: cannot reach the other ranks ({e}); "
-                              f"start the screen with torchrun") from None
+        if store is None:
+            try:
+                store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world))
+            except Exception as e:  # noqa: BLE001 - no store: say so in one line
+                raise ScreenError(f"rank {self.rank} of {self.world}: cannot reach the other ranks ({e}); "
+                                  f"start the screen with torchrun") from None
         # A restarted torchrun (--max-restarts) keeps its store: each attempt keeps to its own keys.
         self.store = dist.PrefixStore(f"retino-screen/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         self._stop = threading.Event()
