@@ -20,8 +20,8 @@ from conftest import REPO
 from test_screen import GOOD, PHOTO, fresh_run, write_photos
 from retino.data.synthetic import render_fundus
 from retino.screening.screen import _screen, screen
-from retino.screening.screen_paths import find_photos
-from retino.screening.screen_report import ScreenError, read_report
+from retino.screening.screen_paths import find_photos, report_lock
+from retino.screening.screen_report import ScreenError, read_report, report_paths
 from retino.screening.shard import Ranks, partial_paths, partial_reports, shard_of
 
 # test_screen's six photos, four more patients in a sub-folder, and a file that is not a photo: 15 rows
@@ -138,6 +138,16 @@ def test_a_failing_rank_is_named_and_nothing_is_merged(day, tmp_path):
     assert r.returncode != 0
     assert "rank 1 of 2: " in r.stderr and "day.rank1-of-2.json is not beside it" in r.stderr
     assert not out.exists() and foreign.read_text() == "not a report this screen wrote\n"
+
+
+def test_a_report_another_screen_is_writing_is_refused_by_every_rank(day, tmp_path):
+    run, folder, _ = day
+    out = tmp_path / "day.csv"
+    with report_lock(report_paths(out)):  # a single-process screen writing it
+        r = torchrun(run, folder, out)
+    assert r.returncode != 0
+    assert "rank 0 of 2: " in r.stderr and "is being written by another screen (pid " in r.stderr
+    assert not out.exists() and leftovers(out) == []  # no rank started grading
 
 
 # ----------------------------------------------------------------------------- waiting on the other ranks

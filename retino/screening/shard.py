@@ -43,12 +43,16 @@ from ..data._workers import usable_cores
 from .screen_paths import MAX_FILES, check_out, default_report, find_photos, report_lock, short
 from .screen_report import ScreenError, open_report, patient_table, read_report, report_paths, write_table
 
-__all__ = ["screen_sharded", "sharded", "partial_paths", "partial_reports", "refuse_partials", "shard_of"]
+__all__ = ["screen_sharded", "sharded", "RankError", "partial_paths", "partial_reports", "refuse_partials", "shard_of"]
 
 STALL_S = float(os.environ.get("RETINO_SCREEN_STALL_S", "300"))  # a rank silent this long is given up on
 HEARTBEAT_S = 5.0
 POLL_S = 0.5
-_PARTIAL = re.compile(r"\.rank(\d+)-of-(\d+)\.csv$")
+_PARTIAL = re.compile(r"\.rank(\d+)-of-(\d+)\.csv")
+
+
+class RankError(ScreenError):
+    """Another rank failed or fell silent, or the ranks lost each other: the message names the rank."""
 
 
 # ----------------------------------------------------------------------------- the partial reports
@@ -75,8 +79,8 @@ def partial_reports(out) -> dict[int, list[Path]]:
     stem = photos.name[:-len(photos.suffix)]
     found: dict[int, list[Path]] = {}
     for name in sorted(glob.glob(glob.escape(str(photos.parent / stem)) + ".rank*-of-*.csv")):
-        m = _PARTIAL.search(name[len(str(photos.parent / stem)):])
-        if m and m.start() == 0:
+        m = _PARTIAL.fullmatch(name[len(str(photos.parent / stem)):])
+        if m:
             found.setdefault(int(m.group(2)), []).append(Path(name))
     return found
 
@@ -112,7 +116,7 @@ class Ranks:
             try:
                 store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world))
             except Exception as e:  # noqa: BLE001 - no store: say so in one line
-                raise ScreenError(f"rank {self.rank} of {self.world}: cannot reach the other ranks ({e}); "
+                raise RankError(f"rank {self.rank} of {self.world}: cannot reach the other ranks ({e}); "
                                   f"start the screen with torchrun") from None
         # A restarted torchrun (--max-restarts) keeps its store: each attempt keeps to its own keys.
         self.store = dist.PrefixStore(f"retino-screen/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
@@ -157,19 +161,19 @@ class Ranks:
                 for r in others:
                     if self.store.check([f"failed/{r}"]):
                         why = self.store.get(f"failed/{r}").decode("utf-8", "replace")
-                        raise ScreenError(f"rank {r} of {self.world} failed: {why}")
+                        raise RankError(f"rank {r} of {self.world} failed: {why}")
                     beat = int(self.store.add(f"alive/{r}", 0))
                     if beat != beats[r][0]:
                         beats[r] = (beat, time.monotonic())
                     elif time.monotonic() - beats[r][1] > self.stall_s:
-                        raise ScreenError(f"rank {r} of {self.world} gave no sign of life for {self.stall_s:.0f} s "
+                        raise RankError(f"rank {r} of {self.world} gave no sign of life for {self.stall_s:.0f} s "
                                           f"(killed, or hung): see its output")
                 time.sleep(POLL_S)
             return [json.loads(self.store.get(k)) for k in keys]
-        except ScreenError:
+        except RankError:
             raise
         except Exception as e:  # noqa: BLE001 - the store's host (torchrun's agent, rank 0's machine) is gone
-            raise ScreenError(f"rank {self.rank} of {self.world}: lost the other ranks while waiting for them "
+            raise RankError(f"rank {self.rank} of {self.world}: lost the other ranks while waiting for them "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
@@ -205,9 +209,9 @@ def screen_sharded(run, folder, out=None, *, max_files: int | None = MAX_FILES, 
         try:
             return _sharded(ranks, run, folder, out, max_files=max_files, device=device, engine=engine, tta=tta,
                             quality_gate=quality_gate, workers=workers, progress=progress, **options)
+        except RankError:  # another rank's failure, or the store's: said, naming the rank
+            raise
         except ScreenError as e:
-            if str(e).startswith("rank "):  # another rank's failure, or the store's: already said
-                raise
             ranks.fail(str(e))
             raise ScreenError(f"rank {ranks.rank} of {ranks.world}: {e}") from None
         except BaseException as e:  # Ctrl-C, a bug: the others stop waiting, and the traceback stays
