@@ -20,9 +20,9 @@ from conftest import REPO
 from test_screen import GOOD, PHOTO, fresh_run, write_photos
 from retino.data.synthetic import render_fundus
 from retino.screening.screen import _screen, screen
-from retino.screening.screen_paths import find_photos, report_lock
+from retino.screening.screen_paths import find_photos, partial_paths, partial_reports, report_lock
 from retino.screening.screen_report import ScreenError, read_report, report_paths
-from retino.screening.shard import Ranks, partial_paths, partial_reports, shard_of
+from retino.screening.shard import Ranks, shard_of
 
 # test_screen's six photos, four more patients in a sub-folder, and a file that is not a photo: 15 rows
 MORE = {f"clinic b/{k}_{eye}.jpeg": (k % 5, eye) for k in range(4, 8) for eye in ("left", "right")}

@@ -45,7 +45,7 @@ from ..config import TrainConfig
 from ..data import ImageError
 from ..data._spawn import spawn_context
 from ..data._workers import usable_cores
-from .screen_paths import MAX_FILES, check_out, default_report, find_photos, report_lock
+from .screen_paths import MAX_FILES, check_out, default_report, find_photos, refuse_partials, report_lock
 from ..inference.choices import REFER, REFER_UNGRADED
 from .screen_report import (PROB_COLUMNS, Appender, ScreenError, error_row, open_report, patient_table,
                             read_report, report_paths, write_table)
@@ -233,7 +233,6 @@ def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **option
     run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
     check_out(paths)
-    from .shard import refuse_partials
     refuse_partials(paths[0], world=1)  # a torchrun screen's unmerged shards: finished by the same torchrun command
     with report_lock(paths):
         return _screen(run, folder, paths[0], found=found, **options)

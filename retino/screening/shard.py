@@ -27,10 +27,8 @@ that dies or hangs stops its heartbeat, and the others give up after :data:`STAL
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import re
 import threading
 import time
 import zlib
@@ -40,15 +38,16 @@ import pandas as pd
 
 from .. import fileio
 from ..data._workers import usable_cores
-from .screen_paths import MAX_FILES, check_out, default_report, find_photos, report_lock, short
+from .screen import ScreenResult, _screen, default_workers, report_key
+from .screen_paths import (MAX_FILES, check_out, default_report, find_photos, partial_paths, refuse_partials,
+                           report_lock, short)
 from .screen_report import ScreenError, open_report, patient_table, read_report, report_paths, write_table
 
-__all__ = ["screen_sharded", "sharded", "RankError", "partial_paths", "partial_reports", "refuse_partials", "shard_of"]
+__all__ = ["screen_sharded", "sharded", "RankError", "shard_of"]
 
-STALL_S = float(os.environ.get("RETINO_SCREEN_STALL_S", "300"))  # a rank silent this long is given up on
+STALL_S = 300.0  # seconds a rank may be silent before the others give up on it (RETINO_SCREEN_STALL_S)
 HEARTBEAT_S = 5.0
 POLL_S = 0.5
-_PARTIAL = re.compile(r"\.rank(\d+)-of-(\d+)\.csv")
 
 
 class RankError(ScreenError):
@@ -67,37 +66,6 @@ def shard_of(image: str, world: int) -> int:
     return zlib.crc32(image.encode("utf-8", "surrogateescape")) % world
 
 
-def partial_paths(out, rank: int, world: int) -> tuple[Path, Path, Path]:
-    """Rank ``rank``'s report files beside ``out`` = ``x.csv``: ``x.rank<r>-of-<N>.csv`` and its two."""
-    photos = report_paths(out)[0]
-    return report_paths(photos.with_name(f"{photos.name[:-len(photos.suffix)]}.rank{rank}-of-{world}.csv"))
-
-
-def partial_reports(out) -> dict[int, list[Path]]:
-    """The partial photo reports beside ``out``, by the number of ranks that wrote them."""
-    photos = report_paths(out)[0]
-    stem = photos.name[:-len(photos.suffix)]
-    found: dict[int, list[Path]] = {}
-    for name in sorted(glob.glob(glob.escape(str(photos.parent / stem)) + ".rank*-of-*.csv")):
-        m = _PARTIAL.fullmatch(name[len(str(photos.parent / stem)):])
-        if m:
-            found.setdefault(int(m.group(2)), []).append(Path(name))
-    return found
-
-
-def refuse_partials(out, world: int) -> None:
-    """Refuse a screen over ``world`` processes on a report holding another number of ranks' partials.
-
-    Their rows would be neither resumed nor merged, and a later merge would mix two screens.
-    """
-    other = {n: files for n, files in partial_reports(out).items() if n != world}
-    if other:
-        n, files = min(other.items())
-        raise ScreenError(f"{short(report_paths(out)[0])}: holds the unmerged partial reports of a screen over {n} "
-                          f"processes ({files[0].name}...); finish it with the same number "
-                          f"(torchrun --nproc_per_node ... giving {n} ranks in all), or remove them to start again")
-
-
 # ----------------------------------------------------------------------------- the ranks
 
 class Ranks:
@@ -111,7 +79,7 @@ class Ranks:
         import torch.distributed as dist
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-        self.stall_s = STALL_S if stall_s is None else stall_s
+        self.stall_s = _stall_s() if stall_s is None else stall_s
         if store is None:
             try:
                 store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world))
@@ -177,6 +145,17 @@ class Ranks:
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def _stall_s() -> float:
+    text = os.environ.get("RETINO_SCREEN_STALL_S", "").strip()
+    try:
+        value = float(text) if text else STALL_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ScreenError(f"RETINO_SCREEN_STALL_S={text!r}: expected a number of seconds > 0 (default {STALL_S:g})")
+    return value
+
+
 def _pin_cores(local_rank: int, local_world: int) -> int:
     """Keep this rank to its share of this machine's cores; returns how many.
 
@@ -224,7 +203,6 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
     import torch
     from ..inference import engine as engines, trained as inference
     from ..training.loop import TrainingError, pick_device
-    from .screen import ScreenResult, _screen, default_workers, report_key
 
     rank, world = ranks.rank, ranks.world
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
