@@ -46,7 +46,7 @@ def day(tmp_path_factory):
 
 
 def torchrun(run, folder, out, nproc=2):
-    """``torchrun --nproc_per_node N -m retino screen``, two gloo ranks on this CPU (the timeout only catches a hang)."""
+    """``torchrun --nproc_per_node N -m retino screen``: gloo ranks on this CPU (the timeout only catches a hang)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), "-m", "retino", "screen", str(run), str(folder), "--out", str(out),
                            "--quiet", "--workers", "0"],
