@@ -212,6 +212,7 @@ def cmd_screen(args) -> int:
     print(f"{s['patients']} patients, {s['patients_to_refer']} to refer: {s['referable_patients']} referable, "
           f"{s['ungraded_patients']} refer: ungraded eye (an eye not graded or ungradable)")
     print(f"referable when {s['threshold_source']}")
-    print(f"graded with {describe(s['engine'])}")
+    ranks = f", on each of {s['world_size']} ranks" if s["world_size"] > 1 else ""
+    print(f"graded with {describe(s['engine'])}{ranks}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0

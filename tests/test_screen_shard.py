@@ -83,6 +83,7 @@ def test_two_ranks_merge_into_the_single_process_report(day, tmp_path):
         json.loads(single.meta.read_text())["key"]  # a single process resumes it, and it resumes a single one
     assert leftovers(out) == []  # the partial reports, removed once merged
     assert r.stdout.count(f"{N_ROWS} photos (") == 1  # rank 0 alone prints the summary
+    assert "threads), on each of 2 ranks\n" in r.stdout
 
 
 def test_a_killed_sharded_screen_resumes_every_shard(day, tmp_path):
