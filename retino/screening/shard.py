@@ -85,7 +85,7 @@ class Ranks:
                 store, _, _ = next(dist.rendezvous("env://", rank=self.rank, world_size=self.world))
             except Exception as e:  # noqa: BLE001 - no store: say so in one line
                 raise RankError(f"rank {self.rank} of {self.world}: cannot reach the other ranks ({e}); "
-                                  f"start the screen with torchrun") from None
+                                f"start the screen with torchrun") from None
         # A restarted torchrun (--max-restarts) keeps its store: each attempt keeps to its own keys.
         self.store = dist.PrefixStore(f"retino-screen/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         self._stop = threading.Event()
@@ -135,14 +135,14 @@ class Ranks:
                         beats[r] = (beat, time.monotonic())
                     elif time.monotonic() - beats[r][1] > self.stall_s:
                         raise RankError(f"rank {r} of {self.world} gave no sign of life for {self.stall_s:.0f} s "
-                                          f"(killed, or hung): see its output")
+                                        f"(killed, or hung): see its output")
                 time.sleep(POLL_S)
             return [json.loads(self.store.get(k)) for k in keys]
         except RankError:
             raise
         except Exception as e:  # noqa: BLE001 - the store's host (torchrun's agent, rank 0's machine) is gone
             raise RankError(f"rank {self.rank} of {self.world}: lost the other ranks while waiting for them "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _stall_s() -> float:
@@ -249,13 +249,13 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
         done = ranks.gather("graded", {"new": result.new, "todo": todo, "complete": result.complete})
         if rank != 0:
             return None
-        table = _merge([paths[0], *(partial_paths(paths[0], r, world)[0] for r in range(world))], paths[0])
+        table = _merge([paths[0], *(partial_paths(paths[0], r, world)[0] for r in range(world))])
         patients = patient_table(table)
         merged = ScreenResult(paths[0], paths[1], paths[2], table, patients, result.threshold, result.threshold_source,
                               result.temperature, sum(d["new"] for d in done),
                               len(photos) + len(problems) - sum(d["todo"] for d in done),
                               all(d["complete"] for d in done), result.engine, world)
-        # The key first, as a single screen writes it: a kill between these leaves a report that resumes.
+        # In a single screen's order (open_report: the key, then the rows); the partials stay until both are in place
         fileio.write_json(paths[2], {"key": key, "summary": merged.summary()})
         write_table(paths[0], table)
         write_table(paths[1], patients)
@@ -274,7 +274,7 @@ def _engine(engines, trained, name: str):
         raise ScreenError(str(e)) from None
 
 
-def _merge(reports: list[Path], final: Path) -> pd.DataFrame:
+def _merge(reports: list[Path]) -> pd.DataFrame:
     """The rows of ``reports`` (the earlier merged report, then each rank's) as one photo report.
 
     A photo in two of them (a kill between writing the merged report and removing the partials)
