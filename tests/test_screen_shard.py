@@ -111,6 +111,13 @@ def test_a_killed_sharded_screen_resumes_every_shard(day, tmp_path):
     assert (summary(out)["new"], summary(out)["skipped"]) == (0, N_ROWS)
     assert_same_report(out, single)
     assert leftovers(out) == []
+    # killed after the merge, before the partials were removed: their rows are not merged twice
+    _screen(run, folder, partial_paths(out, 0, 2)[0], found=(photos, problems), workers=0)
+    last = torchrun(run, folder, out)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert (summary(out)["new"], summary(out)["skipped"]) == (0, N_ROWS)
+    assert_same_report(out, single)
+    assert leftovers(out) == []
 
 
 def test_another_number_of_ranks_is_refused_and_leaves_the_partials(day, tmp_path):
@@ -138,7 +145,7 @@ def test_a_failing_rank_is_named_and_nothing_is_merged(day, tmp_path):
     r = torchrun(run, folder, out)
     assert r.returncode != 0
     assert "rank 1 of 2: " in r.stderr and "day.rank1-of-2.json is not beside it" in r.stderr
-    assert not out.exists() and foreign.read_text() == "not a report this screen wrote\n"
+    assert read_report(out).empty and foreign.read_text() == "not a report this screen wrote\n"  # nothing merged
 
 
 def test_a_report_another_screen_is_writing_is_refused_by_every_rank(day, tmp_path):

@@ -231,10 +231,10 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
         key = report_key(trained, folder, tta=tta, quality_gate=quality_gate, threshold=inference.referral(trained)[0],
                          temperature=temperature)
         if rank == 0:
-            # An earlier report (merged, or a single screen's cut short): checked against this screen's
-            # settings here, its photos skipped by every rank, its rows kept in the merge.
-            if paths[0].exists():
-                open_report(paths, key)
+            # An earlier report (merged, or a single screen's cut short) is checked against this screen's
+            # settings, its photos skipped by every rank and its rows kept in the merge; a new one is made
+            # now, its key and header, as a single screen makes it: whatever a kill leaves then resumes.
+            open_report(paths, key)
             _engine(engines, trained, engine)  # an ONNX export made once, before the other ranks look for it
         ranks.gather("started", {})
         earlier = set(read_report(paths[0])["image"]) if paths[0].exists() else set()
@@ -255,7 +255,7 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
                               result.temperature, sum(d["new"] for d in done),
                               len(photos) + len(problems) - sum(d["todo"] for d in done),
                               all(d["complete"] for d in done), result.engine, world)
-        # In a single screen's order (open_report: the key, then the rows); the partials stay until both are in place
+        # Each file atomically, the key unchanged; the partials stay until all three are in place
         fileio.write_json(paths[2], {"key": key, "summary": merged.summary()})
         write_table(paths[0], table)
         write_table(paths[1], patients)
