@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="searched recursively for photos (JPEG, PNG, TIFF, BMP, DICOM .dcm)")
     p.add_argument("--out", help="photo report (.csv); <name>.patients.csv and <name>.json are written beside it "
                                  "(default: RUNS/screens/<folder>-<hash>/screen-<run id>.csv). Photos already in "
-                                 "it are skipped; never a run folder or a file a screen did not write")
+                                 "it are skipped; never a run folder or a file a screen did not write. Under "
+                                 "torchrun each rank writes <name>.rank<r>-of-<N>.csv beside it, merged at the end")
     p.add_argument("--max-files", type=int, default=None, metavar="N",
                    help="refuse a folder of more than N photos (default: 5000)")
     p.add_argument("--yes", action="store_true", help="screen however many photos the folder holds")

@@ -184,21 +184,25 @@ def cmd_screen(args) -> int:
     from .training import admission
     from .screening.screen import ScreenError, screen
     from .screening.screen_paths import MAX_FILES
+    from .screening.shard import screen_sharded, sharded
     from .inference.engine import describe
     if args.max_files is not None and args.max_files < 1:
         raise UserError(f"--max-files must be a whole number >= 1, got {args.max_files}")
     limit = None if args.yes else (args.max_files if args.max_files is not None else MAX_FILES)
     try:
-        result = screen(admission.user_path(args.run_dir, "RUN_DIR"), admission.user_path(args.folder, "FOLDER"),
-                        admission.user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size, tta=args.tta,
-                        workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
-                        engine=args.engine, progress=not args.quiet, max_files=limit)
+        run = screen_sharded if sharded() else screen  # under torchrun: this rank's share, merged by rank 0
+        result = run(admission.user_path(args.run_dir, "RUN_DIR"), admission.user_path(args.folder, "FOLDER"),
+                     admission.user_path(args.out, "--out") if args.out else None, batch_size=args.batch_size,
+                     tta=args.tta, workers=args.workers, quality_gate=not args.no_quality_gate, device=args.device,
+                     engine=args.engine, progress=not args.quiet, max_files=limit)
     except ScreenError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
         print("interrupted: the photos graded so far are in the report; run the same command again to continue",
               file=sys.stderr)
         return 130
+    if result is None:  # a torchrun rank other than 0: its share is in the report rank 0 merged and prints
+        return 0
     s = result.summary()
     if args.json:
         _print_json(s)
@@ -208,6 +212,7 @@ def cmd_screen(args) -> int:
     print(f"{s['patients']} patients, {s['patients_to_refer']} to refer: {s['referable_patients']} referable, "
           f"{s['ungraded_patients']} refer: ungraded eye (an eye not graded or ungradable)")
     print(f"referable when {s['threshold_source']}")
-    print(f"graded with {describe(s['engine'])}")
+    ranks = f", on each of {s['world_size']} ranks" if s["world_size"] > 1 else ""
+    print(f"graded with {describe(s['engine'])}{ranks}")
     print(f"photos:   {s['report']}\npatients: {s['patients_report']}")
     return 0

@@ -45,7 +45,7 @@ from ..config import TrainConfig
 from ..data import ImageError
 from ..data._spawn import spawn_context
 from ..data._workers import usable_cores
-from .screen_paths import MAX_FILES, check_out, default_report, find_photos, report_lock
+from .screen_paths import MAX_FILES, check_out, default_report, find_photos, refuse_partials, report_lock
 from ..inference.choices import REFER, REFER_UNGRADED
 from .screen_report import (PROB_COLUMNS, Appender, ScreenError, error_row, open_report, patient_table,
                             read_report, report_paths, write_table)
@@ -72,6 +72,7 @@ class ScreenResult:
     skipped: int                # photos already in the report
     complete: bool              # False when stopped before the end
     engine: dict | None = None  # what ran the network (retino.inference.engine's info: name, version, threads)
+    world_size: int = 1         # processes that graded it (torchrun ranks, retino.screening.shard)
 
     def summary(self) -> dict:
         """Counts and paths, JSON-safe: what the CLI prints and the page shows."""
@@ -88,7 +89,7 @@ class ScreenResult:
                 "patients_to_refer": int(status.get(REFER, 0) + status.get(REFER_UNGRADED, 0)),
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
                 "temperature": self.temperature, "new": self.new, "skipped": self.skipped, "complete": self.complete,
-                "engine": self.engine}
+                "engine": self.engine, "world_size": self.world_size}
 
 
 # ----------------------------------------------------------------------------- the photos
@@ -213,6 +214,14 @@ def _checkpoint_id(trained: inference.Trained) -> str:
         return "unknown"
 
 
+def report_key(trained: inference.Trained, folder, *, tta: bool, quality_gate: bool, threshold: float,
+               temperature: float) -> dict:
+    """What made a report (run, checkpoint, folder, settings): a resumed report must have been made with the same."""
+    return {"run": str(Path(trained.run_dir).resolve()), "checkpoint": getattr(trained, "checkpoint", "best.pt"),
+            "checkpoint_id": _checkpoint_id(trained), "folder": str(Path(folder).resolve()), "tta": bool(tta),
+            "quality_gate": bool(quality_gate), "threshold": threshold, "temperature": temperature}
+
+
 def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **options) -> ScreenResult:
     """Grade every photograph under ``folder`` with a run, holding the report's lock; see :func:`_screen`.
 
@@ -224,6 +233,7 @@ def screen(run, folder, out=None, *, max_files: int | None = MAX_FILES, **option
     run_dir = Path(run) if isinstance(run, (str, os.PathLike)) else Path(run.run_dir)
     paths = report_paths(out if out is not None else default_report(folder, run_dir))
     check_out(paths)
+    refuse_partials(paths[0], world=1)  # a torchrun screen's unmerged shards: finished by the same torchrun command
     with report_lock(paths):
         return _screen(run, folder, paths[0], found=found, **options)
 
@@ -275,9 +285,7 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     cut, source = inference.referral(trained)
     if trained.notes:
         source += " (" + "; ".join(trained.notes) + ")"
-    key = {"run": str(Path(trained.run_dir).resolve()), "checkpoint": getattr(trained, "checkpoint", "best.pt"),
-           "checkpoint_id": _checkpoint_id(trained), "folder": str(Path(folder).resolve()), "tta": bool(tta),
-           "quality_gate": bool(quality_gate), "threshold": cut, "temperature": temperature}
+    key = report_key(trained, folder, tta=tta, quality_gate=quality_gate, threshold=cut, temperature=temperature)
     done = open_report(paths, key)
     todo = [p for p in photos if p[0] not in done]
     fresh_problems = [r for r in problems if r["image"] not in done]

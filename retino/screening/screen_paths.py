@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
+import re
 import unicodedata
 from pathlib import Path
 
 from ..paths import runs_root
 from ..data.names import IMAGE_EXTS
-from .screen_report import ScreenError, error_row
+from .screen_report import ScreenError, error_row, report_paths
 
 MAX_FILES = 5000  # photos a screen takes without being asked: a clinic's day is hundreds; "/" is millions
 # Folders that hold the system, not photographs: screening them walks devices and /proc, and a report
 # written there could replace system files. Refused with everything under them; "/" itself too.
 SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys")
 NAME_MAX, PATH_MAX = 255, 4095  # bytes, as Linux file systems allow (limits.h)
+_PARTIAL = re.compile(r"\.rank(\d+)-of-(\d+)\.csv")  # a torchrun rank's share (retino.screening.shard)
 RUN_FILES = ("config.json", "best.pt", "status.json", "last.pt", "metrics.jsonl")  # a folder holding one is a run
 
 
@@ -123,6 +126,39 @@ def report_lock(paths: tuple[Path, Path, Path]):
         f.write(f"pid {os.getpid()}")
         f.flush()
         yield
+
+
+# ----------------------------------------------------------------------------- a sharded screen's partial reports
+
+def partial_paths(out, rank: int, world: int) -> tuple[Path, Path, Path]:
+    """Rank ``rank``'s report files beside ``out`` = ``x.csv``: ``x.rank<r>-of-<N>.csv`` and its two."""
+    photos = report_paths(out)[0]
+    return report_paths(photos.with_name(f"{photos.name[:-len(photos.suffix)]}.rank{rank}-of-{world}.csv"))
+
+
+def partial_reports(out) -> dict[int, list[Path]]:
+    """The partial photo reports beside ``out``, by the number of ranks that wrote them."""
+    photos = report_paths(out)[0]
+    stem = photos.name[:-len(photos.suffix)]
+    found: dict[int, list[Path]] = {}
+    for name in sorted(glob.glob(glob.escape(str(photos.parent / stem)) + ".rank*-of-*.csv")):
+        m = _PARTIAL.fullmatch(name[len(str(photos.parent / stem)):])
+        if m:
+            found.setdefault(int(m.group(2)), []).append(Path(name))
+    return found
+
+
+def refuse_partials(out, world: int) -> None:
+    """Refuse a screen over ``world`` processes on a report holding another number of ranks' partials.
+
+    Their rows would be neither resumed nor merged, and a later merge would mix two screens.
+    """
+    other = {n: files for n, files in partial_reports(out).items() if n != world}
+    if other:
+        n, files = min(other.items())
+        raise ScreenError(f"{short(report_paths(out)[0])}: holds the unmerged partial reports of a screen over {n} "
+                          f"processes ({files[0].name}...); finish it with the same number "
+                          f"(torchrun --nproc_per_node ... giving {n} ranks in all), or remove them to start again")
 
 
 # ----------------------------------------------------------------------------- the photos
