@@ -13,7 +13,9 @@ BEFORE is a temporary ``git worktree add --detach`` of ``--baseline-rev`` (defau
 HEAD and main), removed at the end. Both sides grade the same run: a freshly initialised ResNet-18
 at ``--size`` px saved as a completed run (the time does not depend on the weights), and must give
 the same answers (checked on predict's ``--json``). Round 0 warms the file cache and makes the ONNX
-model; it is not counted. Medians of the other rounds, and BEFORE / AFTER.
+model; it is not counted. Medians of the other rounds, and BEFORE / AFTER of the wall time; the
+processes' CPU time (user + system, children included) is printed beside it, as it moves less than
+the wall time when other work shares the machine.
 
 Photos: the real EyePACS sample (``../shared/real_fundus_sample/train``) where it exists, else
 synthetic 1024 px JPEGs. Usage::
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,15 +91,19 @@ class Side:
         self.env = {**os.environ, "PYTHONPATH": str(root), "RETINO_RUNS": str(tmp / "runs"),
                     "RETINO_CACHE": str(tmp / "cache"), "RETINO_SETTINGS": str(tmp / "settings.json")}
 
-    def run(self, args: list[str], *, flags: tuple[str, ...] = ()) -> tuple[float, subprocess.CompletedProcess]:
+    def run(self, args: list[str], *, flags: tuple[str, ...] = ()) -> tuple[tuple[float, float], subprocess.CompletedProcess]:
+        """(wall seconds, CPU seconds of the process and its children), and the finished process."""
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *flags, "-m", "retino", *map(str, args)], cwd=self.root, env=self.env,
                               capture_output=True, text=True, timeout=600)
         took = time.perf_counter() - start
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         if done.returncode not in (0, 2) or "Traceback" in done.stderr:
             raise SystemExit(f"{self.name}: python -m retino {' '.join(map(str, args))} failed "
                              f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
-        return took, done
+        return (took, cpu), done
 
 
 def heaviest_imports(stderr: str, n: int = 6) -> list[tuple[str, float]]:
@@ -142,17 +149,19 @@ def main(argv=None) -> int:
                                          "--quiet"],
         }
         times: dict[str, dict[str, list[float]]] = {c: {s.name: [] for s in sides} for c in cases}
+        cpus: dict[str, dict[str, list[float]]] = {c: {s.name: [] for s in sides} for c in cases}
         for i in range(args.rounds + 1):
             order = sides if i % 2 == 0 else sides[::-1]  # neither side always runs first
             for case, make in cases.items():
                 for side in order:
-                    took, done = side.run(make(side, i))
+                    (took, cpu), done = side.run(make(side, i))
                     if case == "predict" and "ONNX Runtime" not in done.stderr:
                         raise SystemExit(f"{side.name}: predict did not grade with the cached ONNX model:\n"
                                          f"{done.stderr[-2000:]}")
                     if i:  # round 0 warms the file cache and exports the ONNX model
                         times[case][side.name].append(took)
-                    print(f"round {i} {case:<9} {side.name:<6} {took:6.2f} s", file=sys.stderr)
+                        cpus[case][side.name].append(cpu)
+                    print(f"round {i} {case:<9} {side.name:<6} {took:6.2f} s (CPU {cpu:.2f} s)", file=sys.stderr)
 
         answers = {s.name: json.loads(s.run(["predict", run, photo, "--json"])[1].stdout) for s in sides}
         a, b = answers["BEFORE"][0], answers["AFTER"][0]
@@ -167,7 +176,9 @@ def main(argv=None) -> int:
     rows = []
     for case, by in times.items():
         med = {k: statistics.median(v) for k, v in by.items()}
+        cpu = {k: statistics.median(v) for k, v in cpus[case].items()}
         rows.append({"case": case, "before_s": med["BEFORE"], "after_s": med["AFTER"],
+                     "before_cpu_s": cpu["BEFORE"], "after_cpu_s": cpu["AFTER"],
                      "before_range": [min(by["BEFORE"]), max(by["BEFORE"])],
                      "after_range": [min(by["AFTER"]), max(by["AFTER"])],
                      "ratio": med["BEFORE"] / med["AFTER"]})
@@ -180,10 +191,12 @@ def main(argv=None) -> int:
         return 0
     print(f"{out['machine']}; BEFORE {out['before']}, AFTER {out['after']}; {source}; run at {args.size} px; "
           f"medians of {args.rounds} rounds (round 0 not counted)")
-    print(f"{'':<10} {'BEFORE s':>9} {'AFTER s':>9} {'BEFORE/AFTER':>13}   ranges")
+    print(f"{'':<10} {'BEFORE s':>9} {'AFTER s':>9} {'BEFORE/AFTER':>13}   {'wall ranges':<24} CPU s BEFORE / AFTER")
     for r in rows:
-        print(f"{r['case']:<10} {r['before_s']:9.2f} {r['after_s']:9.2f} {r['ratio']:12.2f}x   "
-              f"{r['before_range'][0]:.2f}-{r['before_range'][1]:.2f} / {r['after_range'][0]:.2f}-{r['after_range'][1]:.2f}")
+        ranges = (f"{r['before_range'][0]:.2f}-{r['before_range'][1]:.2f} / "
+                  f"{r['after_range'][0]:.2f}-{r['after_range'][1]:.2f}")
+        print(f"{r['case']:<10} {r['before_s']:9.2f} {r['after_s']:9.2f} {r['ratio']:12.2f}x   {ranges:<24} "
+              f"{r['before_cpu_s']:.2f} / {r['after_cpu_s']:.2f}")
     print(f"same answer on predict --json (grade, status; probabilities differ by {diff:.1g} at most): "
           f"{'yes' if same else 'NO'}")
     for name, top in imports.items():
