@@ -13,7 +13,8 @@ BEFORE is a temporary ``git worktree add --detach`` of ``--baseline-rev`` (defau
 HEAD and main), removed at the end. Both sides grade the same run: a freshly initialised ResNet-18
 at ``--size`` px saved as a completed run (the time does not depend on the weights), and must give
 the same answers (checked on predict's ``--json``). Round 0 warms the file cache and makes the ONNX
-model; it is not counted. Medians of the other rounds, and BEFORE / AFTER of the wall time; the
+model; it is not counted. Medians of the other rounds, and BEFORE / AFTER of the wall time (of the
+medians, and the median of each round's own ratio, its two sides run back to back); the
 processes' CPU time (user + system, children included) is printed beside it, as it moves less than
 the wall time when other work shares the machine.
 
@@ -181,7 +182,10 @@ def main(argv=None) -> int:
                      "before_cpu_s": cpu["BEFORE"], "after_cpu_s": cpu["AFTER"],
                      "before_range": [min(by["BEFORE"]), max(by["BEFORE"])],
                      "after_range": [min(by["AFTER"]), max(by["AFTER"])],
-                     "ratio": med["BEFORE"] / med["AFTER"]})
+                     "ratio": med["BEFORE"] / med["AFTER"],
+                     # the two sides of a round ran back to back, under much the same load
+                     "ratio_of_rounds": statistics.median(b / a for b, a in zip(by["BEFORE"], by["AFTER"])),
+                     "cpu_ratio": cpu["BEFORE"] / cpu["AFTER"]})
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "before": f"{rev} ({before_commit})", "after": f"HEAD ({after_commit}{', with changes' if dirty else ''})",
            "photos": source, "size": args.size, "rounds": args.rounds, "same_answer": same, "max_prob_diff": diff, "rows": rows,
@@ -191,12 +195,13 @@ def main(argv=None) -> int:
         return 0
     print(f"{out['machine']}; BEFORE {out['before']}, AFTER {out['after']}; {source}; run at {args.size} px; "
           f"medians of {args.rounds} rounds (round 0 not counted)")
-    print(f"{'':<10} {'BEFORE s':>9} {'AFTER s':>9} {'BEFORE/AFTER':>13}   {'wall ranges':<24} CPU s BEFORE / AFTER")
+    print(f"{'':<10} {'BEFORE s':>9} {'AFTER s':>9} {'BEFORE/AFTER':>13} {'by round':>9}   {'wall ranges':<25} "
+          f"CPU s BEFORE / AFTER")
     for r in rows:
         ranges = (f"{r['before_range'][0]:.2f}-{r['before_range'][1]:.2f} / "
                   f"{r['after_range'][0]:.2f}-{r['after_range'][1]:.2f}")
-        print(f"{r['case']:<10} {r['before_s']:9.2f} {r['after_s']:9.2f} {r['ratio']:12.2f}x   {ranges:<24} "
-              f"{r['before_cpu_s']:.2f} / {r['after_cpu_s']:.2f}")
+        print(f"{r['case']:<10} {r['before_s']:9.2f} {r['after_s']:9.2f} {r['ratio']:12.2f}x {r['ratio_of_rounds']:8.2f}x   "
+              f"{ranges:<25} {r['before_cpu_s']:.2f} / {r['after_cpu_s']:.2f} = {r['cpu_ratio']:.2f}x")
     print(f"same answer on predict --json (grade, status; probabilities differ by {diff:.1g} at most): "
           f"{'yes' if same else 'NO'}")
     for name, top in imports.items():
