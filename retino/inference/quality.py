@@ -277,7 +277,7 @@ def _detail(rgb: np.ndarray, cx: float, cy: float, r: float) -> dict[str, float]
     immerkaer = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     noise = np.sqrt(np.pi / 2) / 6 * float(np.mean(np.abs(cv2.filter2D(g, -1, immerkaer))[inside])) / median
     # scikit-image's frangi pulls in scipy.stats (about half a second): imported when a photo is measured,
-    # so a process that grades with the gate off, or never grades, does not pay for it
+    # so a process that loads the grading path but never measures a photo does not pay for it
     from skimage.filters import frangi
     from skimage.morphology import skeletonize
     ridges = frangi(g, sigmas=(1.5, 2.5, 3.5), black_ridges=True)
