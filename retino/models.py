@@ -21,7 +21,6 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torchvision.models import ResNet18_Weights, ResNet50_Weights, WeightsEnum
 
 from .config import ARCHS, HEADS
 _DOWNLOAD_HOST = "download.pytorch.org"
@@ -166,15 +165,18 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # weights
 
-# The ImageNet checkpoints each architecture starts from. ResNet-50 takes torchvision's V2 recipe
-# (80.9% top-1 against V1's 76.1%); ResNet-18 has only V1.
-_IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
-    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
-    "resnet50": ResNet50_Weights.IMAGENET1K_V2,
-}
+def _imagenet_weights(arch: str):
+    """The torchvision ``WeightsEnum`` member ``arch`` starts from. ResNet-50 takes torchvision's V2 recipe
+    (80.9% top-1 against V1's 76.1%); ResNet-18 has only V1.
+
+    torchvision is imported here, not at the top: it costs seconds (its ops pull in torch._dynamo) and
+    building or loading a Retino network never needs it, only finding ImageNet weights and their statistics.
+    """
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+    return {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.IMAGENET1K_V2}[arch]
 
 
-def _checkpoint_path(weights: WeightsEnum) -> Path:
+def _checkpoint_path(weights) -> Path:
     """Where torch.hub keeps (or would keep) this checkpoint."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
@@ -198,7 +200,7 @@ def _reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) ->
 
 def _fetch_imagenet_weights(arch: str, progress: bool) -> dict[str, Tensor]:
     """The ImageNet state_dict for ``arch``: from the hub cache, else downloaded, else an error."""
-    weights = _IMAGENET_WEIGHTS[arch]
+    weights = _imagenet_weights(arch)
     path = _checkpoint_path(weights)
     if path.is_file():
         return _read_state_dict(path)
@@ -277,7 +279,7 @@ def _resnet(
     if weights_path is not None:
         _load_backbone(model, _read_state_dict(weights_path), str(weights_path))
     elif pretrained:
-        _load_backbone(model, _fetch_imagenet_weights(arch, progress), _IMAGENET_WEIGHTS[arch].url)
+        _load_backbone(model, _fetch_imagenet_weights(arch, progress), _imagenet_weights(arch).url)
     return model
 
 
@@ -363,7 +365,7 @@ def weights_available(arch: str) -> tuple[bool, str]:
     Never touches the network.
     """
     _check_arch(arch)
-    path = _checkpoint_path(_IMAGENET_WEIGHTS[arch])
+    path = _checkpoint_path(_imagenet_weights(arch))
     return path.is_file(), str(path)
 
 
@@ -376,7 +378,7 @@ def normalization(arch: str, pretrained: bool) -> tuple[tuple[float, float, floa
     re-centres after the first convolution.
     """
     _check_arch(arch)
-    preset = _IMAGENET_WEIGHTS[arch].transforms()
+    preset = _imagenet_weights(arch).transforms()
     mean, std = (tuple(float(v) for v in preset.mean), tuple(float(v) for v in preset.std))
     return mean, std  # type: ignore[return-value]
 

@@ -11,14 +11,6 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    cohen_kappa_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
 
 from ..config import CLASS_WEIGHTS
 from ..grades import DEFAULT_THRESHOLDS, GRADES, REFERABLE_GRADE
@@ -50,6 +42,9 @@ def quadratic_kappa(y_true, y_pred) -> float:
     when every grade occurs both agree. The Kaggle reference implementation spans min..max grade,
     which gives the same numbers.
     """
+    # scikit-learn (2 s to import) inside the functions that score: grading a photo needs
+    # apply_thresholds from here, never a metric
+    from sklearn.metrics import cohen_kappa_score
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns (and returns NaN) when kappa is undefined
         kappa = cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=list(GRADES))
@@ -68,6 +63,7 @@ def _referable_metrics(y_true: np.ndarray, y_pred: np.ndarray, score: Optional[n
     }
     if score is None or not n_pos or not n_neg:
         return out
+    from sklearn.metrics import roc_auc_score
     out["ref_auc"] = float(roc_auc_score(ref_true, score))
     out["ref_sens_at_90spec"] = sensitivity_at_specificity(ref_true, score, _TARGET_SPEC)
     return out
@@ -75,6 +71,7 @@ def _referable_metrics(y_true: np.ndarray, y_pred: np.ndarray, score: Optional[n
 
 def sensitivity_at_specificity(positive, score, specificity: float = _TARGET_SPEC) -> float:
     """Highest sensitivity over score thresholds whose specificity is at least ``specificity``."""
+    from sklearn.metrics import roc_curve
     fpr, tpr, _ = roc_curve(np.asarray(positive, dtype=bool), np.asarray(score, dtype=float), drop_intermediate=False)
     # 1e-12: a specificity of exactly 0.9 (e.g. 9 of 10 negatives) must not be lost to rounding.
     ok = (1.0 - fpr) >= specificity - 1e-12
@@ -109,6 +106,7 @@ def classification_metrics(y_true, y_pred, *, referable_score=None, prefix: str 
         if len(score) != len(y_true):
             raise ValueError(f"referable_score has {len(score)} values for {len(y_true)} samples.")
 
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
     labels = list(GRADES)
     precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     confusion = confusion_matrix(y_true, y_pred, labels=labels)  # rows: true grade, columns: predicted

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from PIL import Image
-from skimage.filters import frangi
-from skimage.morphology import skeletonize
 
 ANALYSIS_SIDE = 384     # px: the long side the field is looked for at, up- or down-sampled to it
 DETAIL_DIAMETER = 384   # px: the field diameter focus, noise and vessels are measured at (at most)
@@ -278,6 +276,10 @@ def _detail(rgb: np.ndarray, cx: float, cy: float, r: float) -> dict[str, float]
     ways = [np.var(gxx), np.var(gyy), np.var((gxx + gyy) / 2 + gxy), np.var((gxx + gyy) / 2 - gxy)]
     immerkaer = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     noise = np.sqrt(np.pi / 2) / 6 * float(np.mean(np.abs(cv2.filter2D(g, -1, immerkaer))[inside])) / median
+    # scikit-image's frangi pulls in scipy.stats (about half a second): imported when a photo is measured,
+    # so a process that loads the grading path but never measures a photo does not pay for it
+    from skimage.filters import frangi
+    from skimage.morphology import skeletonize
     ridges = frangi(g, sigmas=(1.5, 2.5, 3.5), black_ridges=True)
     ridges[~inside] = 0
     top = skeletonize((ridges >= np.percentile(ridges[inside], 92)) & inside & (ridges > 0))
