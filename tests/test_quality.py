@@ -287,6 +287,17 @@ def test_fundus_photo_blurred_at_sigma_3_is_not_ok():
     assert q.verdict == "ungradable" and _has(q, "out of focus", "blurred or enlarged"), (q.reasons, q.scores)
 
 
+def test_vesselness_is_frangis():
+    """The gate's OpenCV vesselness ranks pixels as skimage.filters.frangi does: the same ridges
+    make the strongest 12% that the vessel measure follows."""
+    frangi = pytest.importorskip("skimage.filters").frangi
+    g = cv2.resize(_skimage("retina")[..., 1], (384, 384), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    ours, theirs = quality._vesselness(g), frangi(g, sigmas=(1.5, 2.5, 3.5), black_ridges=True)
+    a, b = ours >= np.percentile(ours, 88), theirs >= np.percentile(theirs, 88)
+    assert (a & b).sum() / a.sum() > 0.9
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95
+
+
 def test_retina_photo_with_a_41_px_motion_blur_is_not_ok():
     kernel = np.zeros((41, 41), np.float32)
     kernel[20] = 1 / 41

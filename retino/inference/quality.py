@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from PIL import Image
-from skimage.filters import frangi
 from skimage.morphology import skeletonize
 
 ANALYSIS_SIDE = 384     # px: the long side the field is looked for at, up- or down-sampled to it
@@ -242,6 +241,32 @@ def _find_field(small: np.ndarray, v: np.ndarray, L: Limits) -> dict | None:
             "arc": len(np.unique(sectors)) / 72.0}
 
 
+def _vesselness(g: np.ndarray, sigmas=(1.5, 2.5, 3.5), beta: float = 0.5) -> np.ndarray:
+    """Frangi et al.'s (1998) vesselness of dark ridges, as ``skimage.filters.frangi(g, sigmas,
+    black_ridges=True)`` defines it (Hessian of the Gaussian-smoothed image, eigenvalues sorted by
+    magnitude, gamma half the largest Hessian norm at the first scale), with OpenCV's separable
+    filters: scikit-image's 8-sigma-long derivative kernels made it 10x slower, most of the gate's time."""
+    out = np.zeros_like(g)
+    gamma = None
+    for sigma in sigmas:
+        gs = cv2.GaussianBlur(g, (0, 0), sigma)
+        hxx = cv2.Sobel(gs, cv2.CV_32F, 2, 0, ksize=1)
+        hyy = cv2.Sobel(gs, cv2.CV_32F, 0, 2, ksize=1)
+        hxy = cv2.Sobel(gs, cv2.CV_32F, 1, 1, ksize=3) * 0.25   # the 3x3 kernel is 4x the central difference
+        trace, root = hxx + hyy, cv2.sqrt((hxx - hyy) ** 2 + 4 * hxy * hxy)
+        hi, lo = (trace + root) * 0.5, (trace - root) * 0.5
+        swap = np.abs(lo) > np.abs(hi)
+        l1, l2 = np.where(swap, hi, lo), np.where(swap, lo, hi)     # |l1| <= |l2|
+        norm2 = l1 * l1 + l2 * l2
+        if gamma is None:
+            gamma = max(float(np.sqrt(norm2.max())) / 2, 1e-12)
+        dark = l2 > 0                       # across a dark ridge the image curves up; a bright one scores 0
+        rb2 = l1 * l1 / np.where(dark, np.maximum(l2 * l2, 1e-30), 1.0)
+        v = np.exp(-rb2 / (2 * beta * beta)) * (1 - np.exp(-norm2 / (2 * gamma * gamma)))
+        np.maximum(out, np.where(dark, v, 0.0), out=out)
+    return out
+
+
 def _detail(rgb: np.ndarray, cx: float, cy: float, r: float) -> dict[str, float]:
     """Focus, isotropy, noise, structure and vessels of green inside 0.85 R (photo coordinates),
     with the field resampled to at most DETAIL_DIAMETER px.
@@ -278,7 +303,7 @@ def _detail(rgb: np.ndarray, cx: float, cy: float, r: float) -> dict[str, float]
     ways = [np.var(gxx), np.var(gyy), np.var((gxx + gyy) / 2 + gxy), np.var((gxx + gyy) / 2 - gxy)]
     immerkaer = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     noise = np.sqrt(np.pi / 2) / 6 * float(np.mean(np.abs(cv2.filter2D(g, -1, immerkaer))[inside])) / median
-    ridges = frangi(g, sigmas=(1.5, 2.5, 3.5), black_ridges=True)
+    ridges = _vesselness(g)
     ridges[~inside] = 0
     top = skeletonize((ridges >= np.percentile(ridges[inside], 92)) & inside & (ridges > 0))
     n, _, stats, _ = cv2.connectedComponentsWithStats(top.astype(np.uint8), connectivity=8)
