@@ -269,14 +269,14 @@ def _vesselness(g: np.ndarray, sigmas=(1.5, 2.5, 3.5), beta: float = 0.5) -> np.
         hyy = cv2.Sobel(gs, cv2.CV_32F, 0, 2, ksize=1)
         hxy = cv2.Sobel(gs, cv2.CV_32F, 1, 1, ksize=3) * 0.25   # the 3x3 kernel is 4x the central difference
         trace, root = hxx + hyy, cv2.sqrt((hxx - hyy) ** 2 + 4 * hxy * hxy)
+        # eigenvalues hi >= lo; where the trace is > 0, hi is the larger in magnitude and positive:
+        # across a dark ridge the image curves up. Elsewhere (a bright ridge) the score is 0.
         hi, lo = (trace + root) * 0.5, (trace - root) * 0.5
-        swap = np.abs(lo) > np.abs(hi)
-        l1, l2 = np.where(swap, hi, lo), np.where(swap, lo, hi)     # |l1| <= |l2|
-        norm2 = l1 * l1 + l2 * l2
+        norm2 = hi * hi + lo * lo
         if gamma is None:
             gamma = max(float(np.sqrt(norm2.max())) / 2, 1e-12)
-        dark = l2 > 0                       # across a dark ridge the image curves up; a bright one scores 0
-        rb2 = l1 * l1 / np.where(dark, np.maximum(l2 * l2, 1e-30), 1.0)
+        dark = trace > 0
+        rb2 = lo * lo / np.maximum(hi * hi, 1e-30)
         v = np.exp(-rb2 / (2 * beta * beta)) * (1 - np.exp(-norm2 / (2 * gamma * gamma)))
         np.maximum(out, np.where(dark, v, 0.0), out=out)
     return out
