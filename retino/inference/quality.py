@@ -136,7 +136,7 @@ class Limits:
     """Length of the 3 longest connected dark ridges (Frangi et al. 1998, the strongest 12% of the
     field) / field diameter: a vessel tree's branches join into a few long trees, while fur, texture
     or text stay short strokes however many there are. Real >= 2.7, enhanced >= 2.0 (one green
-    boost 1.67), synthetic >= 2.5 at 256 px; a tabby cat's fur cropped round 1.57, a brick wall 1.95
+    boost 1.67), synthetic >= 2.4 at 256 px; a tabby cat's fur cropped round 1.57, a brick wall 1.95
     (grey-scale), a textured disc <= 1.04, text 0.41, a histology slide 0.77."""
     max_blur: float = 0.65
     """Blur effect (Crete-Roffet et al. 2007: the share of the edge strength a further 11-px blur
