@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retino.inference.trained import quality  # noqa: E402
+from retino.inference import quality  # noqa: E402
 from retino.data.preprocess import load_image  # noqa: E402
 from retino.data.synthetic import make_dataset  # noqa: E402
 
