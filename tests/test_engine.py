@@ -136,6 +136,21 @@ def test_a_run_folder_that_cannot_be_written_keeps_its_onnx_model_in_the_cache_r
     assert tmp_path / "cache-root" in path.parents and not (run / "cache").exists()
 
 
+@pytest.mark.parametrize("what", ["a file", "a link to another folder"])
+def test_a_cache_entry_retino_did_not_make_is_left_alone(tmp_path, monkeypatch, what):
+    run = fake_run(tmp_path, "classify")
+    monkeypatch.setenv("RETINO_CACHE", str(tmp_path / "cache-root"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "a file":
+        (run / "cache").write_text("not a folder")
+    else:
+        (run / "cache").symlink_to(elsewhere, target_is_directory=True)
+    path = engine.onnx_model(load_trained(run))
+    assert tmp_path / "cache-root" in path.parents and path.is_file()
+    assert list(elsewhere.iterdir()) == [] and os.path.lexists(run / "cache")
+
+
 def test_a_damaged_cached_model_is_made_again(tmp_path):
     run = fake_run(tmp_path, "classify")
     path = engine.onnx_model(load_trained(run))

@@ -231,7 +231,9 @@ def cache_path(trained) -> Path:
     ckpt = run_dir / trained.checkpoint
     name = f"{Path(trained.checkpoint).stem}-{checkpoint_sha256(ckpt)[:16]}.onnx"
     here = run_dir / "cache"
-    if os.access(here if here.is_dir() else run_dir, os.W_OK):
+    # Only a cache/ folder Retino could have made: not a link leading elsewhere, not a file in its place.
+    ours = here.is_dir() and not here.is_symlink() if os.path.lexists(here) else True
+    if ours and os.access(here if here.is_dir() else run_dir, os.W_OK):
         return here / name
     tag = hashlib.sha1(os.fsencode(str(run_dir.resolve()))).hexdigest()[:8]
     return cache_root() / "engines" / f"{run_dir.name}-{tag}" / name
