@@ -206,12 +206,12 @@ def end_to_end(tmp: Path, *, size: int, n: int, rounds: int, synthetic: bool, wo
             "screen, decoding in-process without read-ahead": dict(engine="auto", workers=0, ahead=0)}
 
     graded = [0.0]  # seconds inside Screen's grading of its batches (the forward pass and the rows)
-    rows = screening._rows
+    grade_rows = screening._rows
 
     def timed_rows(*a, **kw):
         t0 = time.perf_counter()
         try:
-            return rows(*a, **kw)
+            return grade_rows(*a, **kw)
         finally:
             graded[0] += time.perf_counter() - t0
 
