@@ -304,6 +304,8 @@ def breakdown(tmp: Path, *, size: int, reps: int, synthetic: bool) -> dict:
     trained = inference.load_trained(run)
     runner = engines.get(trained, "auto", fast=True)
     cfg = trained.config
+    # does the runtime use both cores? the same model on one thread, to compare
+    single = engines.OnnxEngine(runner.path, threads=1) if isinstance(runner, engines.OnnxEngine) else None
     out = {}
     for label, path in photo_sizes(tmp, synthetic).items():
         def dec():
@@ -327,11 +329,12 @@ def breakdown(tmp: Path, *, size: int, reps: int, synthetic: bool) -> dict:
         one = inference.unit_input(seen[None], "cpu")
         sixteen = inference.unit_input(np.repeat(seen[None], 16, 0), "cpu")
 
-        def fwd(x):
-            return lambda: runner.run(grading.normalize(x, *trained.norm), False)
+        def fwd(x, engine=runner):
+            return lambda: engine.run(grading.normalize(x, *trained.norm), False)
 
         stages = {"decode": (dec, 1), "quality gate": (gate, 1), "preprocess": (prep, 1),
                   "forward, batch 1": (fwd(one), 1), "forward, 1 of 16": (fwd(sixteen), 16),
+                  **({"forward, 1 of 16, one thread": (fwd(sixteen, single), 16)} if single else {}),
                   "all but forward (grading.prepare)": (lambda: grading.prepare(path, cfg, path.name), 1)}
         ms = {}
         for name, (fn, per) in stages.items():
