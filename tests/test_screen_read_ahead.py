@@ -8,7 +8,7 @@ import pytest
 from retino.data.synthetic import render_fundus
 from retino.screening import screen as screening
 from retino.screening.screen_report import read_report
-from test_screen import fresh_run, photos, write_photos  # noqa: F401 - photos is a fixture used below
+from test_screen import GOOD, PHOTO, fresh_run, write_photos
 
 ITEMS = [(f"{i}_left.jpeg", f"/nowhere/{i}_left.jpeg") for i in range(7)]
 
@@ -55,8 +55,10 @@ def test_without_read_ahead_a_photo_is_decoded_when_asked_for(recorded):
     stream.close()
 
 
-def test_read_ahead_rows_equal_decoding_on_demand(photos, tmp_path, monkeypatch):  # noqa: F811
+def test_read_ahead_rows_equal_decoding_on_demand(tmp_path, monkeypatch):
     run = fresh_run(tmp_path / "run")
+    photos = {name: render_fundus(grade, eye="left" if "left" in name else "right", size=PHOTO, seed=i)[0]
+              for i, (name, grade) in enumerate(GOOD.items())}
     folder = write_photos(tmp_path / "day", photos)
     (folder / "9_left.jpeg").write_bytes(b"not a jpeg")  # an error row among the graded ones
     dark = (render_fundus(1, size=256, seed=9)[0] // 8)
