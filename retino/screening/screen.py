@@ -30,9 +30,11 @@ operating point chosen on val; without one, P >= 0.5, or the run's own cut point
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,13 +127,36 @@ def prepare_photo(image: str, path: str, config: TrainConfig, *, gate: bool = Tr
         return {"error": f"{image}: cannot be graded ({type(e).__name__}{': ' + first if first else ''})"}
 
 
-def _prepared(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, workers: int, chunk: int):
+def _read_ahead(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, ahead: int):
+    """``((image, path), prepared)`` in order, decoded by one thread of this process up to ``ahead``
+    photos before they are asked for: the next batch decodes while this one's forward pass runs
+    (ONNX Runtime and PyTorch release the GIL in it; so do PIL's decoder and OpenCV)."""
+    todo = iter(items)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="screen-decode")
+    try:
+        pending = deque((item, pool.submit(prepare_photo, *item, config, gate=gate))
+                        for item in itertools.islice(todo, ahead))
+        while pending:
+            item, future = pending.popleft()
+            for nxt in itertools.islice(todo, 1):
+                pending.append((nxt, pool.submit(prepare_photo, *nxt, config, gate=gate)))
+            yield item, future.result()
+    finally:  # a stopped screen waits for the photo being decoded, not for the queue behind it
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepared(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, workers: int, chunk: int,
+              ahead: int = 0):
     """``((image, path), prepared)`` in the order of ``items``.
 
-    Decoded in ``workers`` spawn processes (``workers`` 0: here), a chunk of photos a task, with a
-    bounded number of tasks in flight: the forward pass is slower than decoding, and an unbounded
-    queue would hold a whole folder's decoded photos in memory.
+    Decoded in ``workers`` spawn processes, a chunk of photos a task, with a bounded number of tasks
+    in flight: the forward pass is slower than decoding, and an unbounded queue would hold a whole
+    folder's decoded photos in memory. ``workers`` 0: here, by a thread ``ahead`` photos in front
+    (0: each photo when it is asked for).
     """
+    if workers <= 0 and ahead > 0:
+        yield from _read_ahead(items, config, gate=gate, ahead=ahead)
+        return
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     if workers <= 0:
         for part in chunks:
@@ -154,6 +179,7 @@ def _prepared(items: list[tuple[str, str]], config: TrainConfig, *, gate: bool, 
             yield from zip(part, done)
 
 
+READ_AHEAD_BATCHES = 1  # decoding in this process: batches a thread decodes ahead of the forward pass (0: none)
 POOL_MIN_PHOTOS = 32  # a spawn worker takes seconds to import torch: fewer photos are decoded here by default
 
 
@@ -161,7 +187,8 @@ def default_workers(n_photos: int | None = None) -> int:
     """Decoding processes by default: the cores beyond two (at most 8); none for a few photos.
 
     Two cores are left to the forward pass: on a 2-core machine a decoding process only competes
-    with it, and decoding here was faster (bench/screen.py).
+    with it, and decoding here, a batch ahead in a thread, was faster (1 or 2 processes: 0.70-0.79x
+    its photos a second on 50 photos, bench/inference.py).
     """
     if n_photos is not None and n_photos < POOL_MIN_PHOTOS:
         return 0
@@ -300,8 +327,8 @@ def _screen(run, folder, out=None, *, found=None, batch_size: int = 16, tta: boo
     try:
         appender.write(fresh_problems)
         finished = len(fresh_problems)
-        with contextlib.closing(_prepared(todo, trained.config, gate=quality_gate, workers=workers,
-                                          chunk=chunk)) as stream:
+        with contextlib.closing(_prepared(todo, trained.config, gate=quality_gate, workers=workers, chunk=chunk,
+                                          ahead=READ_AHEAD_BATCHES * batch_size)) as stream:
             batch = []
             for item in stream:
                 batch.append(item)
