@@ -1,8 +1,8 @@
 """What runs a run's network on a batch: ONNX Runtime on a CPU, PyTorch on a GPU and for Grad-CAM.
 
 Clinics grade on CPUs, and on one ONNX Runtime's CPU provider ran the checkpoint Retino already
-exports 1.5-1.7x faster than the fastest PyTorch path measured (BatchNorm folded, channels_last;
-bench/inference.py). So the grading path (:mod:`retino.inference.grading`) asks :func:`get` for an
+exports 1.1-1.5x faster than the fastest PyTorch path measured (BatchNorm folded, channels_last)
+and 1.6-2.5x faster than PyTorch as it comes (bench/inference.py, a 2-core CPU at 512 px). So the grading path (:mod:`retino.inference.grading`) asks :func:`get` for an
 engine and hands it normalised batches; an engine gives back the outputs and the penultimate
 features (the out-of-distribution view) from one pass.
 
