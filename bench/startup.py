@@ -40,48 +40,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "real_fundus_sample" / "train"
+
+# The run and photos bench/screen.py makes (bench/ is on sys.path when a bench script runs); they are
+# built with this checkout's retino, and only the processes timed below differ between the two sides.
+from screen import fresh_run, photo_folder  # noqa: E402
 
 
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def fresh_run(run_dir: Path, size: int) -> Path:
-    """A completed run folder holding a freshly initialised ResNet-18, saved as training saves one."""
-    sys.path.insert(0, str(REPO))
-    import torch
-    from retino import runs
-    from retino.config import TrainConfig
-    from retino.models import build_model, normalization
-    cfg = TrainConfig(image_size=size)
-    torch.manual_seed(0)
-    model = build_model(cfg.arch, pretrained=False, head=cfg.head).eval()
-    norm = normalization(cfg.arch, False)
-    run_dir.mkdir(parents=True)
-    runs.write_config(run_dir, cfg.to_dict(), dataset={}, norm=norm, world=1, device="cpu", data_fingerprint="")
-    runs.save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 1,
-                                               "thresholds": [0.5, 1.5, 2.5, 3.5],
-                                               "norm": {"mean": list(norm[0]), "std": list(norm[1])}})
-    runs.write_status(run_dir, state="completed")
-    return run_dir
-
-
-def photo_folder(tmp: Path, n: int) -> tuple[Path, str]:
-    folder = tmp / "photos"
-    folder.mkdir()
-    real = sorted(REAL.glob("*.jpeg")) if REAL.is_dir() else []
-    if real:
-        for path in real[:n]:
-            shutil.copy(path, folder / path.name)
-        return folder, f"real EyePACS sample ({n} of {len(real)} photos, {REAL})"
-    sys.path.insert(0, str(REPO))
-    from PIL import Image
-    from retino.data.synthetic import render_fundus
-    for i in range(n):
-        rgb, _ = render_fundus(i % 5, eye="left" if i % 2 else "right", size=1024, seed=i)
-        Image.fromarray(rgb).save(folder / f"{i // 2}_{'left' if i % 2 else 'right'}.jpeg", quality=90)
-    return folder, f"synthetic 1024 px JPEGs ({n})"
 
 
 class Side:
@@ -139,8 +105,8 @@ def main(argv=None) -> int:
     before_root = tmp / "before"
     git("worktree", "add", "--detach", str(before_root), rev)
     try:
-        run = fresh_run(tmp / "run", args.size)
-        folder, source = photo_folder(tmp, 5)
+        run = fresh_run(tmp / "run", size=args.size, arch="resnet18")
+        folder, source = photo_folder(tmp, 5, False)
         photo = sorted(folder.iterdir())[0]
         sides = [Side("BEFORE", before_root, tmp), Side("AFTER", REPO, tmp)]
         cases = {
