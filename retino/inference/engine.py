@@ -2,8 +2,9 @@
 
 Clinics grade on CPUs, and on one ONNX Runtime's CPU provider ran the checkpoint Retino already
 exports 1.1-1.5x faster than the fastest PyTorch path measured (BatchNorm folded, channels_last)
-and 1.6-2.5x faster than PyTorch as it comes (bench/inference.py, a 2-core CPU at 512 px). So the grading path (:mod:`retino.inference.grading`) asks :func:`get` for an
-engine and hands it normalised batches; an engine gives back the outputs and the penultimate
+and 1.6-2.5x faster than PyTorch as it comes (bench/inference.py, a 2-core CPU at 512 px). So the
+grading path (:mod:`retino.inference.grading`) asks :func:`get` for an engine and hands it
+normalised batches; an engine gives back the outputs and the penultimate
 features (the out-of-distribution view) from one pass.
 
 The ONNX model is made from the checkpoint on first use and kept in the run folder's ``cache/``
@@ -30,10 +31,10 @@ import torch
 
 from ..data._workers import usable_cores
 from ..paths import cache_root
+from .export import write_onnx
 
 ENGINES = ("auto", "torch", "onnx")
 PARITY_ATOL = 1e-3        # a fresh ONNX model whose outputs differ from PyTorch's by more is not used
-ONNX_OPSET = 17           # onnxruntime >= 1.14 runs it; every op of a ResNet is in it
 _GUARD = threading.Lock()
 
 
@@ -273,14 +274,9 @@ def export_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
     model.eval()
     example = torch.zeros(2, 3, size, size, device=next(model.parameters()).device)
     try:
-        # The TorchScript-based exporter, as retino.inference.export uses: the same graph for a plain
-        # CNN in a fraction of the dynamo exporter's time, without onnxscript.
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_WithFeatures(model), (example,), str(path), dynamo=False, input_names=["image"],
-                              output_names=["output", "features"], opset_version=ONNX_OPSET,
-                              do_constant_folding=True,
-                              dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}, "features": {0: "batch"}})
+            warnings.simplefilter("ignore")   # the tracer's remarks on the wrapper are not the user's business
+            write_onnx(_WithFeatures(model), example, ("output", "features"), path)
     finally:
         model.train(was_training)
 

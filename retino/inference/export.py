@@ -75,7 +75,9 @@ def _check_state(run_dir: Path, unfinished: bool) -> None:
                             f"operating point) may not be made; pass --unfinished to export it anyway")
 
 
-def _write_onnx(model: torch.nn.Module, example: torch.Tensor, output: str, path: Path) -> None:
+def write_onnx(model: torch.nn.Module, example: torch.Tensor, outputs: tuple[str, ...], path: Path) -> None:
+    """``model`` as ONNX at ``path`` (written whole or not at all): input ``image`` shaped like
+    ``example``, the named ``outputs``, the batch dimension free on all of them."""
     # The TorchScript-based exporter: for a plain CNN it gives the same graph as the torch.export
     # one (dynamo=True), in 4 s instead of 30 s on this project's 2-core machine, without needing
     # onnxscript. It is deprecated from torch 2.9 but present in the pinned 2.14; when it goes,
@@ -85,8 +87,8 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, output: str, path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["image"],
-                              output_names=[output], opset_version=OPSET, do_constant_folding=True,
-                              dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}})
+                              output_names=list(outputs), opset_version=OPSET, do_constant_folding=True,
+                              dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -189,7 +191,7 @@ def export_run(run_dir, fmt: str = "onnx", out=None, *, checkpoint: str = "best.
     size = int(trained.config.image_size)
     example = torch.zeros(2, 3, size, size)                  # (B, 3, S, S): B = 2 keeps the batch free
     if fmt == "onnx":
-        _write_onnx(model, example, "logits" if trained.config.head == "classify" else "score", model_path)
+        write_onnx(model, example, ("logits" if trained.config.head == "classify" else "score",), model_path)
     else:
         fileio.write_atomic(model_path, _torchscript_bytes(model))
     fileio.write_json(json_path, deployment_info(trained, fmt, model_path.name, checkpoint))
