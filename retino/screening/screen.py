@@ -54,7 +54,7 @@ from .screen_report import (PROB_COLUMNS, Appender, ScreenError, error_row, open
 from ..data.dicom import patient_eye
 from .. import fileio
 
-__all__ = ["screen", "ScreenResult", "prepare_photo", "inference_model", "default_workers", "POOL_MIN_PHOTOS"]
+__all__ = ["screen", "ScreenResult", "prepare_photo", "default_workers", "POOL_MIN_PHOTOS"]
 
 
 
@@ -193,14 +193,6 @@ def default_workers(n_photos: int | None = None) -> int:
     if n_photos is not None and n_photos < POOL_MIN_PHOTOS:
         return 0
     return max(0, min(8, usable_cores() - 2))
-
-
-# ----------------------------------------------------------------------------- grading (this process)
-
-def inference_model(model: torch.nn.Module) -> torch.nn.Module:
-    """PyTorch's copy for batched inference (:func:`retino.inference.engine.fast_copy`): BatchNorm folded
-    into the convolutions, channels_last; on a 2-core CPU at 512 px 2-3x predict's plain model (bench/screen.py)."""
-    return engines.fast_copy(model)
 
 
 # ----------------------------------------------------------------------------- the screen

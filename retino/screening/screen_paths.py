@@ -99,6 +99,11 @@ def check_out(paths: tuple[Path, Path, Path]) -> None:
                               f"not write them; choose another report file")
 
 
+def lock_path(photos: Path) -> Path:
+    """The lock file :func:`report_lock` holds for the photo report ``photos``."""
+    return photos.with_name(f".{photos.name}.lock")
+
+
 @contextlib.contextmanager
 def report_lock(paths: tuple[Path, Path, Path]):
     """Hold ``.<name>.csv.lock`` beside the report while screening: a second screen on it is refused.
@@ -107,7 +112,7 @@ def report_lock(paths: tuple[Path, Path, Path]):
     released by the kernel when its holder dies, so a killed screen never locks its report.
     """
     photos = paths[0]
-    lock = photos.with_name(f".{photos.name}.lock")
+    lock = lock_path(photos)
     try:
         photos.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock, "a+")

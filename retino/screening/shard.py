@@ -39,8 +39,8 @@ import pandas as pd
 from .. import fileio
 from ..data._workers import usable_cores
 from .screen import ScreenResult, _screen, default_workers, report_key
-from .screen_paths import (MAX_FILES, check_out, default_report, find_photos, partial_paths, refuse_partials,
-                           report_lock, short)
+from .screen_paths import (MAX_FILES, check_out, default_report, find_photos, lock_path, partial_paths,
+                           refuse_partials, report_lock, short)
 from .screen_report import ScreenError, open_report, patient_table, read_report, report_paths, write_table
 
 __all__ = ["screen_sharded", "sharded", "RankError", "shard_of"]
@@ -235,10 +235,14 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
             # settings, its photos skipped by every rank and its rows kept in the merge; a new one is made
             # now, its key and header, as a single screen makes it: whatever a kill leaves then resumes.
             open_report(paths, key)
-            _engine(engines, trained, engine)  # an ONNX export made once, before the other ranks look for it
+            # The ONNX export made once, before the other ranks look for it: each rank's _screen then opens
+            # the file (and refuses an unknown engine as a single screen does).
+            try:
+                engines.get(trained, engine, fast=True)
+            except engines.EngineError as e:
+                raise ScreenError(str(e)) from None
         ranks.gather("started", {})
         earlier = set(read_report(paths[0])["image"]) if paths[0].exists() else set()
-        _engine(engines, trained, engine)
         share = [p for p in photos if shard_of(p[0], world) == rank and p[0] not in earlier]
         walk_errors = [r for r in problems if r["image"] not in earlier] if rank == 0 else []
         with report_lock(mine):
@@ -260,18 +264,11 @@ def _sharded(ranks: Ranks, run, folder, out, *, max_files, device, engine, tta, 
         write_table(paths[0], table)
         write_table(paths[1], patients)
         for r in range(world):  # only now that the merged files are in place
-            for p in partial_paths(paths[0], r, world):
+            partial = partial_paths(paths[0], r, world)
+            for p in partial:
                 p.unlink(missing_ok=True)
-            lock = partial_paths(paths[0], r, world)[0]
-            lock.with_name(f".{lock.name}.lock").unlink(missing_ok=True)
+            lock_path(partial[0]).unlink(missing_ok=True)
         return merged
-
-
-def _engine(engines, trained, name: str):
-    try:
-        return engines.get(trained, name, fast=True)
-    except engines.EngineError as e:
-        raise ScreenError(str(e)) from None
 
 
 def _merge(reports: list[Path]) -> pd.DataFrame:
